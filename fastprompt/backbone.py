@@ -1,0 +1,217 @@
+"""fastprompt's forward pass over open_clip's frozen modules, with per-layer hook points.
+
+For layer i of either tower the runner computes (ViT pre-norm block):
+
+    x      <- x with rows [s, s+n) replaced by prompts[i]          (prompt slot, if any)
+    h       = ln_1(x)
+    y       = x + attn(h)
+    y       = y + mlp(ln_2(y))
+    y      <- y + alpha * adapter_i(h)                              (adapter slot, if any)
+
+Prompt slots of the text tower start after SOS (row `text_prompt_start`, default 1); those of the
+image tower are the last n rows. The image tower's layer-0 prompts are *appended* after the
+position embedding, before `ln_pre` (MaPLe / VPT-deep style). The text tower's input is a token
+embedding sequence built by the method (shallow prompts already substituted).
+
+`RunOptions.kernels` routes insertion+norm and the adapter branch through `fastprompt.kernels`
+(Triton on CUDA); off, it is `torch.cat` + `layer_norm` and the unfused branch, as the original
+code does. `RunOptions.truncate_text` cuts the causal text sequence to max(eot)+1 tokens: the
+end-of-text feature only attends to earlier tokens, so the result is identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import Clip, text_parts
+
+
+@dataclass
+class RunOptions:
+    kernels: bool = True
+    truncate_text: bool = True
+
+
+@dataclass
+class Adapter:
+    """One adapter slot: y + scale * up(relu(shared(relu(down(h))))) (MMA, METHODS.md)."""
+
+    down: nn.Linear
+    shared: nn.Linear
+    up: nn.Linear
+    scale: float
+    grad_scale: bool = True
+
+    def __call__(self, h: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
+        from fastprompt import kernels
+        from fastprompt.kernels import reference
+
+        fn = kernels.adapter_residual if fused else reference.adapter_residual
+        return fn(h, y, self.down.weight, self.down.bias, self.shared.weight, self.shared.bias,
+                  self.up.weight, self.up.bias, self.scale, grad_scale=self.grad_scale)
+
+
+@dataclass
+class TowerHooks:
+    """What a method puts into one tower: prompt rows and adapter branches, keyed by layer."""
+
+    prompts: dict[int, torch.Tensor] = field(default_factory=dict)
+    adapters: dict[int, Adapter] = field(default_factory=dict)
+
+
+NO_HOOKS = TowerHooks()
+
+
+def insert_rows(x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """x [B, L, D] with rows start:start+n replaced by `rows` ([n, D] or [B, n, D]) via torch.cat."""
+    n = rows.shape[-2]
+    rows = rows.to(x.dtype)
+    if rows.dim() == 2:
+        rows = rows.unsqueeze(0).expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], rows, x[:, start + n:]], dim=1)
+
+
+class Backbone(nn.Module):
+    """Runs a frozen open_clip CLIP with hooks. Holds the open_clip model as `self.model`."""
+
+    def __init__(self, clip: Clip):
+        super().__init__()
+        self.clip = clip
+        self.model = clip.model
+        self.text = text_parts(clip.model, clip.name)
+        self.visual = clip.model.visual
+
+    def train(self, mode: bool = True):  # the backbone is frozen: it always runs in eval mode
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def n_text_layers(self) -> int:
+        return len(self.text["blocks"])
+
+    @property
+    def n_image_layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def text_width(self) -> int:
+        return self.text["token_embedding"].embedding_dim
+
+    @property
+    def image_width(self) -> int:
+        return self.visual.conv1.out_channels
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    # ------------------------------------------------------------------ text tower
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text["token_embedding"](tokens)
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Row whose final feature is the sentence feature (open_clip's text pooling rule)."""
+        pool = self.text["pool_type"]
+        if pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            return (tokens == self.text["eos_id"]).int().argmax(dim=-1)
+        if pool == "first":
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+
+    def text_length(self, eot: torch.Tensor, full: int, opts: RunOptions) -> int:
+        """Sequence length the text tower needs: max(eot)+1 with the exact causal shortcut."""
+        if not opts.truncate_text or self.text["pool_type"] == "last":
+            return full
+        return int(eot.max()) + 1
+
+    def text_input(self, emb: torch.Tensor, eot: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+        """Token embeddings [N, L, D] -> layer-0 input (position embedding added, truncated)."""
+        n = self.text_length(eot, emb.shape[1], opts)
+        pos = self.text["positional_embedding"][:n]
+        return emb[:, :n] + pos.to(emb.dtype)
+
+    def text_blocks(self, x: torch.Tensor, hooks: TowerHooks, opts: RunOptions,
+                    start: int = 0, stop: int | None = None, prompt_start: int = 1) -> torch.Tensor:
+        blocks = self.text["blocks"]
+        for i in range(start, len(blocks) if stop is None else stop):
+            x = self._block(blocks[i], x, True, hooks.prompts.get(i) if i > 0 else None,
+                            prompt_start, hooks.adapters.get(i), opts)
+        return x
+
+    def text_head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self.text["ln_final"](x)  # per-token norm: pooling first is exact and cheaper
+        proj = self.text["projection"]
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_text(self, emb: torch.Tensor, eot: torch.Tensor, hooks: TowerHooks = NO_HOOKS,
+                    opts: RunOptions = RunOptions(), prompt_start: int = 1) -> torch.Tensor:
+        """Token embeddings [N, L, D] (prompts substituted) + end-of-text rows -> features [N, E]."""
+        x = self.text_input(emb, eot, opts)
+        x = self.text_blocks(x, hooks, opts, prompt_start=prompt_start)
+        return self.text_head(x, eot)
+
+    # ------------------------------------------------------------------ image tower
+    def image_input(self, images: torch.Tensor, hooks: TowerHooks) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        shallow = hooks.prompts.get(0)
+        if shallow is not None:  # appended after the position embedding, before ln_pre
+            shallow = shallow.to(x.dtype)
+            if shallow.dim() == 2:
+                shallow = shallow.unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x, shallow], dim=1)
+        return v.ln_pre(x)
+
+    def encode_image(self, images: torch.Tensor, hooks: TowerHooks = NO_HOOKS,
+                     opts: RunOptions = RunOptions()) -> torch.Tensor:
+        """Images [B, 3, H, W] -> image features [B, E] (before normalisation)."""
+        x = self.image_input(images, hooks)
+        for i, blk in enumerate(self.visual.transformer.resblocks):
+            p = hooks.prompts.get(i) if i > 0 else None
+            start = x.shape[1] - p.shape[-2] if p is not None else 0
+            x = self._block(blk, x, False, p, start, hooks.adapters.get(i), opts)
+        x = self.visual.ln_post(x[:, 0])
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
+    # ------------------------------------------------------------------ one block
+    def _block(self, blk, x, causal: bool, prompts, start: int, adapter: Adapter | None,
+               opts: RunOptions) -> torch.Tensor:
+        ln = blk.ln_1
+        if prompts is not None and opts.kernels:
+            from fastprompt import kernels
+            x, h = kernels.insert_prompts_layernorm(x, prompts.to(x.dtype), start, ln.weight,
+                                                    ln.bias, ln.eps)
+        else:
+            if prompts is not None:
+                x = insert_rows(x, prompts, start)
+            h = ln(x)
+        y = x + blk.ls_1(self._attention(blk.attn, h, causal))
+        y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+        if adapter is not None:
+            y = adapter(h, y, fused=opts.kernels)
+        return y
+
+    @staticmethod
+    def _attention(attn: nn.MultiheadAttention, h: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, n, d = h.shape
+        heads = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return attn.out_proj(o.transpose(1, 2).reshape(b, n, d))
+
+    # ------------------------------------------------------------------ logits
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()

@@ -1,0 +1,178 @@
+"""Loading a frozen open_clip backbone: `load_clip(name, pretrained=None, seed=0)`.
+
+open_clip builds the model, loads weights, tokenizes; fastprompt's own forward pass lives in
+`backbone.py`. Only ViT image towers with open_clip's standard causal text transformer are
+supported; anything else is refused here, with the reason, before any method touches it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: The built-in backbone for tests and the offline default run: the ViT-B/16 structure (12 + 12
+#: layers, 77 text tokens, the CLIP BPE vocabulary) at a width that runs in seconds on a CPU.
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 12, "head_width": 16,
+                   "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 12},
+}
+TINY_NAMES = ("tiny",)
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be loaded or is not supported (one-line message)."""
+
+
+@dataclass
+class Clip:
+    """A frozen open_clip model plus what is needed to rebuild it and to feed it.
+
+    `source` is what `fastprompt.save` records so `fastprompt.load` can rebuild identical weights.
+    """
+
+    model: nn.Module
+    name: str
+    pretrained: str | None
+    seed: int
+    tokenizer: object
+    image_size: int
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> dict:
+        return {"model": self.name, "pretrained": self.pretrained, "seed": self.seed}
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def to(self, *args, **kwargs) -> "Clip":
+        self.model.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+
+def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int = 0,
+              device: str | torch.device = "cpu") -> Clip:
+    """Build a frozen CLIP.
+
+    name: an open_clip model name (`ViT-B-16`), `tiny` (built in), or `hf-hub:org/repo`.
+    pretrained: None (random init from `seed`), an open_clip tag (`openai`, `laion2b_s34b_b88k`),
+    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format).
+    """
+    import open_clip
+
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise BackboneError(f"pretrained must be a tag or a file path, got {type(pretrained).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in TINY_NAMES:
+            model = open_clip.model.CLIP(**TINY_CONFIG)
+            tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+            if pretrained is not None:
+                _load_local_weights(model, pretrained, name)
+        else:
+            model, tokenizer = _create_open_clip(open_clip, name, pretrained)
+    check_supported(model, name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    return Clip(model=model, name=name, pretrained=pretrained, seed=seed, tokenizer=tokenizer,
+                image_size=image_size, mean=tuple(pp.get("mean", OPENAI_MEAN)),
+                std=tuple(pp.get("std", OPENAI_STD)))
+
+
+def _create_open_clip(open_clip, name: str, pretrained: str | None):
+    known = set(open_clip.list_models())
+    if not name.startswith(("hf-hub:", "local-dir:")) and name not in known:
+        raise BackboneError(f"unknown model '{name}': use 'tiny', an open_clip name such as ViT-B-16 "
+                            f"(open_clip.list_models()), or hf-hub:ORG/REPO")
+    if pretrained is not None and not os.path.exists(pretrained) and os.sep in pretrained:
+        raise BackboneError(f"checkpoint file not found: {pretrained}")
+    if pretrained is not None and not os.path.exists(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise BackboneError(f"unknown pretrained tag '{pretrained}' for {name}: choose one of "
+                                f"{', '.join(tags) or '(none)'} or give a checkpoint file")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+    except RuntimeError as e:  # open_clip raises RuntimeError for weights that don't fit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneError(f"could not load weights '{pretrained}' into {name}: {first}") from None
+    return model, open_clip.get_tokenizer(name)
+
+
+def _load_local_weights(model: nn.Module, path: str, name: str) -> None:
+    if not os.path.exists(path):
+        raise BackboneError(f"checkpoint file not found: {path} (the tiny backbone needs a local "
+                            f"safetensors file, or pretrained=None for random init)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BackboneError(f"{path} does not fit backbone '{name}': {len(missing)} missing keys "
+                            f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Refuse, with the reason, any model our runner would compute wrongly."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise BackboneError(f"{name}: only ViT image towers are supported "
+                            f"(got {type(visual).__name__}); pick a ViT-* model")
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise BackboneError(f"{name}: only class-token pooling ViTs are supported (as in CLIP)")
+    text = text_parts(model, name)
+    for tower, blocks in (("image", visual.transformer.resblocks), ("text", text["blocks"])):
+        bad = [type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock]
+        if bad:
+            raise BackboneError(f"{name}: {tower} tower uses {bad[0]} blocks; only the standard "
+                                f"ResidualAttentionBlock is supported")
+
+
+def text_parts(model: nn.Module, name: str = "model") -> dict:
+    """The pieces of the text tower, from a CLIP (flat attributes) or a CustomTextCLIP (.text)."""
+    from open_clip.transformer import TextTransformer
+
+    src = model
+    if hasattr(model, "text"):
+        if not isinstance(model.text, TextTransformer):
+            raise BackboneError(f"{name}: only open_clip's own text transformer is supported "
+                                f"(got {type(model.text).__name__}, e.g. a Hugging Face text tower)")
+        src = model.text
+        if src.cls_emb is not None:
+            raise BackboneError(f"{name}: text towers with an appended class token (CoCa) are not supported")
+    if getattr(src, "attn_mask", None) is None:
+        raise BackboneError(f"{name}: the text tower must be causal (the prompt methods assume it)")
+    pool = getattr(model, "text_pool_type", getattr(src, "pool_type", "argmax"))
+    proj = src.text_projection
+    return {
+        "token_embedding": src.token_embedding,
+        "positional_embedding": src.positional_embedding,
+        "blocks": src.transformer.resblocks,
+        "ln_final": src.ln_final,
+        "projection": proj,
+        "pool_type": pool,
+        "eos_id": getattr(model, "text_eos_id", getattr(src, "eos_id", None)),
+    }

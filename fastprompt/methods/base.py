@@ -1,0 +1,174 @@
+"""What every method shares: the registry, options, text/image features, logits, loss, classifier.
+
+A method subclasses `Method`, owns only its learnable tensors, and overrides some of:
+  - `text_embeddings(template)`  token embeddings [C, L, D] with its shallow text prompts in place
+  - `text_hooks()` / `image_hooks()`  deep prompts and adapters per layer (backbone.TowerHooks)
+  - `loss(images, labels)`  when the objective is more than cross-entropy
+Logits are CLIP's: `logit_scale.exp() * normalize(image) @ normalize(text).T`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import NO_HOOKS, Backbone, RunOptions, TowerHooks
+from ..clip import Clip
+from ..prompts import PromptTemplate
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class MethodConfig:
+    """Switches shared by every method; all on is the fast path, all off the original-style one."""
+
+    kernels: bool = True        # fused Triton kernels (CUDA) for insertion+norm and adapters
+    truncate_text: bool = True  # exact causal text shortcut: run max(eot)+1 tokens, not 77
+    cache: bool = True          # exact caches of frozen activations / fixed text features
+    prompt: str = "a photo of a"  # hand-written prompt prefix ("{prompt} {class}.")
+
+    @classmethod
+    def from_options(cls, method: str, options: dict) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown option '{unknown[0]}' for method '{method}'; valid options: "
+                             f"{', '.join(sorted(names))}")
+        return cls(**options)
+
+    def plain(self) -> "MethodConfig":
+        return dataclasses.replace(self, kernels=False, truncate_text=False, cache=False)
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = "?"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: False for methods whose text features depend on the image (CoCoOp)
+    caches_text: ClassVar[bool] = True
+
+    def __init__(self, clip: Clip, classnames: list[str], config: MethodConfig):
+        super().__init__()
+        self.clip = clip
+        self.backbone = Backbone(clip)
+        self.config = config
+        self.classnames = [str(c) for c in classnames]
+        if len(set(self.classnames)) != len(self.classnames):
+            raise ValueError("duplicate class names: each class needs a distinct name")
+        self.template = self.make_template(self.classnames)
+        self._cache: dict = {}
+
+    # ----------------------------------------------------------------- options and helpers
+    @property
+    def opts(self) -> RunOptions:
+        return RunOptions(kernels=self.config.kernels, truncate_text=self.config.truncate_text)
+
+    def set_fast(self, fast: bool) -> "Method":
+        """Turn every optimisation on (fast) or off (the original-style baseline)."""
+        on = dataclasses.replace(self.config, kernels=True, truncate_text=True, cache=True)
+        self.config = on if fast else on.plain()
+        self._cache.clear()
+        return self
+
+    def make_template(self, classnames: list[str]) -> PromptTemplate:
+        return PromptTemplate(self.backbone, classnames, prefix=self.config.prompt)
+
+    def cached(self, key, fn):
+        """fn() once per key (plus device and autocast dtype) when caching is on; exact for
+        values that depend only on frozen weights and fixed inputs."""
+        if not self.config.cache:
+            return fn()
+        dev = self.backbone.model.logit_scale.device
+        amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        full = (key, str(dev), amp)
+        if full not in self._cache:
+            with torch.no_grad():
+                self._cache[full] = fn()
+        return self._cache[full]
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): drop device-bound caches
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(mode)
+        return self
+
+    # ----------------------------------------------------------------- to override
+    def text_embeddings(self, template: PromptTemplate) -> torch.Tensor:
+        return template.embeddings
+
+    def text_hooks(self) -> TowerHooks:
+        return NO_HOOKS
+
+    def image_hooks(self) -> TowerHooks:
+        return NO_HOOKS
+
+    # ----------------------------------------------------------------- features and logits
+    def encode_text(self, template: PromptTemplate) -> torch.Tensor:
+        """Un-normalised text features [C, E] of a template under this method's prompts."""
+        emb = self.text_embeddings(template)
+        return self.backbone.encode_text(emb, template.eot, self.text_hooks(), self.opts)
+
+    def text_features(self, template: PromptTemplate | None = None) -> torch.Tensor:
+        return F.normalize(self.encode_text(template or self.template), dim=-1)
+
+    def image_features(self, images: torch.Tensor, hooks: TowerHooks | None = None) -> torch.Tensor:
+        hooks = self.image_hooks() if hooks is None else hooks
+        return F.normalize(self.backbone.encode_image(images, hooks, self.opts), dim=-1)
+
+    def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logit_scale() * image_features @ text_features.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from(self.image_features(images), self.text_features())
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(images), labels)
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def classifier(self, classnames: list[str] | None = None, chunk: int = 256):
+        """Images -> logits over `classnames` (default: the training classes) in one image pass:
+        the text features are computed here, once."""
+        from ..classifier import Classifier
+
+        names = self.classnames if classnames is None else list(classnames)
+        feats = []
+        for i in range(0, len(names), chunk):  # bounded memory for 1000+ classes
+            feats.append(self.text_features(self.template_for(names[i:i + chunk])))
+        return Classifier(self, torch.cat(feats), names)
+
+    def template_for(self, classnames: list[str]) -> PromptTemplate:
+        if classnames == self.classnames:
+            return self.template
+        return self.make_template(classnames)
+
+    # ----------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor of the method (nothing of the backbone, nothing recomputable)."""
+        return {k: p for k, p in self.named_parameters() if p.requires_grad}
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.trainable_state().values())
+        return f"method={self.name}, classes={len(self.classnames)}, trainable={n:,}"
+
+
+def normal_(shape, std: float = 0.02) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)

@@ -1,0 +1,143 @@
+"""LAMM: learnable label embeddings and the hierarchical loss, alone or on CoOp / MaPLe.
+
+Each training class c owns L_c [m, 512], initialised from the token embeddings of the first m BPE
+tokens of its name (m = the shortest name length, or 1 on MaPLe); the rest of the name is fixed:
+[SOS] ctx {L_c} {rest of name} . [EOS].  The objective is
+
+  CE(s, y) + w_p * sum (L - L0)^2                                   (parameter space, w_p = 1/shots)
+  + mean_i [1 - cos(t_{y_i}, stopgrad(t0_{y_i}))]                   (feature space; >= 2 labels)
+  + lambda_l * T^2 * CE(s0 / T, softmax(s / T))                      (logit space, T = 2, lambda_l = 0.05)
+
+where t0 / s0 are the text features / logits of the same prompt with the initial label
+embeddings L0 (neither side of the logit term is detached, as in the released code).
+Classes never trained keep their original name embeddings.
+`released_code=True` reproduces the released implementation: w_p = 1, and on MaPLe the label
+sits over the word "of" (row 3) while the class tokens stay fixed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import insert_rows
+from .base import register
+from .coop import ContextPrompt, CoOpConfig
+from .maple import MaPLe, MaPLeConfig
+
+
+@dataclass
+class LammOptions:
+    shots: int = 16
+    n_label_tokens: int = 0          # m; 0 = the shortest class name in tokens
+    released_code: bool = False
+    temperature: float = 2.0
+    logit_weight: float = 0.05
+    feature_weight: float = 1.0
+
+
+@dataclass
+class LammConfig(CoOpConfig, LammOptions):
+    pass
+
+
+@dataclass
+class MaPLeLammConfig(MaPLeConfig, LammOptions):
+    n_label_tokens: int = 1
+
+
+class LabelAlignment:
+    """Mixin over a ContextPrompt method: label rows, their substitution, and the LAMM loss."""
+
+    train_context: bool = True
+    released_label_row: int | None = None  # MaPLe+LAMM's released layout puts the label at row 3
+
+    def _init_labels(self):
+        cfg, tpl = self.config, self.template
+        m = cfg.n_label_tokens or min(tpl.name_lengths)
+        self.label_start = tpl.name_start
+        if cfg.released_code and self.released_label_row is not None:
+            self.label_start = self.released_label_row
+        if m < 1 or self.label_start + m > int(tpl.eot.min()):
+            raise ValueError(f"{m} label tokens from row {self.label_start} do not fit every prompt")
+        init = tpl.embeddings[:, self.label_start:self.label_start + m].detach().clone()
+        self.label_emb = nn.Parameter(init.clone())
+        self.register_buffer("label_init", init, persistent=False)
+        self._class_index = {c: i for i, c in enumerate(self.classnames)}
+        if not self.train_context:
+            if not cfg.ctx_init:
+                raise ValueError(f"{self.name} keeps the context frozen: it needs ctx_init text")
+            self.ctx.requires_grad_(False)
+
+    def label_rows(self, template, initial: bool = False) -> torch.Tensor:
+        """[C, m, D] label rows for a template's classes: learned for trained classes, the
+        template's own (original) embeddings for the others."""
+        s, m = self.label_start, self.label_emb.shape[1]
+        if template is self.template:
+            return self.label_init if initial else self.label_emb
+        own = template.embeddings[:, s:s + m]
+        idx = [self._class_index.get(c, -1) for c in template.classnames]
+        if initial or all(i < 0 for i in idx):
+            return own
+        known = torch.tensor([i >= 0 for i in idx], device=own.device)
+        learned = self.label_emb[torch.tensor([max(i, 0) for i in idx], device=own.device)]
+        return torch.where(known[:, None, None], learned, own)
+
+    def text_embeddings(self, template, initial: bool = False):
+        emb = super().text_embeddings(template)
+        return insert_rows(emb, self.label_rows(template, initial), self.label_start)
+
+    def initial_text_features(self) -> torch.Tensor:
+        """t0: the training prompts with the initial label embeddings (constant when the context
+        is frozen, so cached then)."""
+        def compute():
+            emb = self.text_embeddings(self.template, initial=True)
+            return F.normalize(self.backbone.encode_text(emb, self.template.eot, self.text_hooks(),
+                                                         self.opts), dim=-1)
+        if self.train_context or self.text_hooks().prompts:
+            return compute()
+        return self.cached(("t0", self.template.key), compute)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        img = self.image_features(images)
+        t, t0 = self.text_features(), self.initial_text_features()
+        logits, fixed = self.logits_from(img, t), self.logits_from(img, t0)
+        loss = F.cross_entropy(logits, labels)
+        w_param = 1.0 if cfg.released_code else 1.0 / cfg.shots
+        loss = loss + w_param * (self.label_emb - self.label_init).pow(2).sum()
+        if labels.unique().numel() > 1:
+            cos = F.cosine_similarity(t[labels], t0[labels].detach(), dim=-1)
+            loss = loss + cfg.feature_weight * (1 - cos).mean()
+        T = cfg.temperature
+        soft = F.cross_entropy(fixed / T, F.softmax(logits / T, dim=-1))
+        return loss + cfg.logit_weight * T * T * soft
+
+
+@register("lamm")
+class Lamm(LabelAlignment, ContextPrompt):
+    """Label embeddings only: the CoOp context stays at "a photo of a"."""
+
+    Config = LammConfig
+    train_context = False
+
+    def __init__(self, clip, classnames, config):
+        super().__init__(clip, classnames, config)
+        self._init_labels()
+
+
+@register("coop+lamm")
+class CoOpLamm(Lamm):
+    train_context = True
+
+
+@register("maple+lamm")
+class MaPLeLamm(LabelAlignment, MaPLe):
+    Config = MaPLeLammConfig
+    released_label_row = 3
+
+    def __init__(self, clip, classnames, config):
+        super().__init__(clip, classnames, config)
+        self._init_labels()

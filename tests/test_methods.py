@@ -1,0 +1,142 @@
+"""One matrix over every method, on the tiny backbone (CPU)."""
+import pytest
+import torch
+
+import fastprompt as fp
+from fastprompt.checkpoint import CheckpointError
+
+from common import ALL_METHODS, CLASSNAMES, grads, images, perturb, tiny_clip
+
+TRAINABLE = [m for m in ALL_METHODS if m != "zeroshot"]
+
+
+def make(method, **kw):
+    torch.manual_seed(0)
+    return fp.create(method, tiny_clip(), CLASSNAMES, **kw)
+
+
+def expected_tiny_count(method, n_classes=len(CLASSNAMES)):
+    dt, dv, e, r = 32, 48, 32, 32  # tiny widths (clip.TINY_CONFIG), MMA width 32
+    coop = 4 * dt
+    maple = (2 * dt + dt * dv + dv) * 9
+    return {
+        "zeroshot": 0,
+        "coop": coop,
+        "cocoop": coop + (e * (e // 16) + e // 16) + (e // 16 * dt + dt),
+        "maple": maple,
+        "ivlp": 9 * 2 * dt + 9 * 2 * dv,
+        "mma": 8 * ((dt * r + r) + (r * dt + dt) + (dv * r + r) + (r * dv + dv) + (r * r + r)),
+        "lamm": n_classes * 1 * dt,
+        "coop+lamm": coop + n_classes * dt,
+        "maple+lamm": maple + n_classes * dt,
+    }[method]
+
+
+def test_every_method_is_registered():
+    assert set(ALL_METHODS) <= set(fp.list_methods())
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_trainable_count_and_frozen_backbone(method):
+    model = make(method)
+    trainable = sum(p.numel() for p in model.trainable_state().values())
+    assert trainable == expected_tiny_count(method)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    if method != "zeroshot":
+        model.loss(images(2), torch.tensor([0, 1])).backward()
+        assert all(p.grad is None for p in model.backbone.parameters())
+        assert all(p.grad is not None for p in model.trainable_state().values())
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_classifier_equals_forward(method):
+    model = perturb(make(method)).eval()
+    x = images(3)
+    with torch.no_grad():
+        ref = model(x)
+    clf = model.classifier()
+    assert clf.caches_text == (method != "cocoop")
+    assert torch.allclose(clf(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_save_load_round_trip_is_exact(method, tmp_path):
+    model = perturb(make(method)).eval()
+    x = images(2)
+    fp.save(model, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.safetensors", "config.json"]
+    again = fp.load(tmp_path / "run", clip=tiny_clip()).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    rebuilt = fp.load(tmp_path / "run").eval()  # backbone rebuilt from the recorded seed
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("method", TRAINABLE)
+def test_loss_goes_down(method):
+    model = make(method).train()
+    x, y = images(4, seed=1), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.Adam(model.trainable_state().values(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.parametrize("method", TRAINABLE)
+def test_fast_path_equals_plain_path(method):
+    """Kernels (dispatched), text truncation and caches on == all off, in loss and gradients."""
+    x, y = images(3, seed=2), torch.tensor([0, 2, 4])
+    fast = perturb(make(method)).train()
+    plain = perturb(make(method)).train().set_fast(False)
+    assert not plain.config.kernels and not plain.config.truncate_text and not plain.config.cache
+    for _ in range(2):  # the second call uses the caches filled by the first
+        for m in (fast, plain):
+            m.zero_grad()
+            m.loss(x, y).backward()
+        lf, lp = fast.loss(x, y), plain.loss(x, y)
+        assert torch.allclose(lf, lp, atol=1e-5, rtol=1e-5)
+        gf, gp = grads(fast), grads(plain)
+        assert gf.keys() == gp.keys()
+        for k in gf:
+            scale = gp[k].abs().max().clamp_min(1e-12)
+            assert ((gf[k] - gp[k]).abs().max() / scale) < 1e-4, k
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(method="maple", depth=3, no_such_option=1), "unknown option 'no_such_option'"),
+    (dict(method="coop", classnames=[]), "empty class list"),
+    (dict(method="coop", classnames=["a", "a"]), "duplicate class names"),
+    (dict(method="maple", depth=40), "depth=40"),
+    (dict(method="mma", start=0), "adapter layers"),
+])
+def test_bad_inputs_give_clear_errors(bad, message):
+    bad = dict(bad)
+    method, names = bad.pop("method"), bad.pop("classnames", CLASSNAMES)
+    with pytest.raises(ValueError, match=message):
+        fp.create(method, tiny_clip(), names, **bad)
+
+
+def test_checkpoint_of_other_backbone_or_method_is_refused(tmp_path):
+    model = make("coop")
+    fp.save(model, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="trained on backbone"):
+        fp.load(tmp_path / "run", clip=fp.load_clip("tiny", seed=7))
+    with pytest.raises(CheckpointError, match="holds a 'coop' model"):
+        fp.load(tmp_path / "run", method="maple")
+    with pytest.raises(CheckpointError, match="not a fastprompt run"):
+        fp.load(tmp_path)
+
+
+def test_checkpoint_with_wrong_tensor_shape_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    fp.save(make("coop"), tmp_path / "run")
+    save_file({"ctx": torch.zeros(4, 99)}, str(tmp_path / "run" / "adapter.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor 'ctx' has shape"):
+        fp.load(tmp_path / "run", clip=tiny_clip())
