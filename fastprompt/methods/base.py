@@ -137,7 +137,12 @@ class Method(nn.Module):
         return self.logits_from(self.image_features(images), self.text_features())
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(images), labels)
+        """The method's full training objective."""
+        return self.loss_and_logits(images, labels)[0]
+
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self(images)
+        return F.cross_entropy(logits, labels), logits
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

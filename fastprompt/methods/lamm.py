@@ -100,7 +100,7 @@ class LabelAlignment:
             return compute()
         return self.cached(("t0", self.template.key), compute)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor):
         cfg = self.config
         img = self.image_features(images)
         t, t0 = self.text_features(), self.initial_text_features()
@@ -113,7 +113,7 @@ class LabelAlignment:
             loss = loss + cfg.feature_weight * (1 - cos).mean()
         T = cfg.temperature
         soft = F.cross_entropy(fixed / T, F.softmax(logits / T, dim=-1))
-        return loss + cfg.logit_weight * T * T * soft
+        return loss + cfg.logit_weight * T * T * soft, logits
 
 
 @register("lamm")

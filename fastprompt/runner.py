@@ -1,0 +1,135 @@
+"""What `python -m fastprompt.train` does with its arguments: data protocol, model, training,
+evaluation, and the files of a run directory (config.json, adapter.safetensors, split.json,
+checkpoint.safetensors, log.jsonl, curves.png, metrics.json)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .api import create, method_class
+from .checkpoint import load, read_config
+from .clip import load_clip
+from .data import DataError, few_shot, load_dataset, split_base_novel
+from .evaluate import accuracy, harmonic_mean
+from .recipes import recipe_for
+from .train import parse_options
+from .training import CHECKPOINT, TrainEnv, init_distributed, train
+
+SPLIT = "split.json"
+
+
+def _env(args) -> TrainEnv:
+    env = init_distributed(args.device)
+    cuda = env.device.type == "cuda"
+    env.precision = ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision
+    env.workers = args.workers if args.workers is not None else (4 if cuda else 0)
+    env.seed, env.on_error, env.progress = args.seed, args.on_error, not args.no_progress
+    return env
+
+
+def _split_record(items) -> list:
+    return [[d.source, d.label, d.classname] for d in items]
+
+
+def _check_split(out: Path, record: dict, resume: bool) -> None:
+    """A run keeps the images it was trained on: a resumed run must draw the same ones."""
+    path = out / SPLIT
+    if resume and path.is_file():
+        if json.loads(path.read_text()) != record:
+            raise DataError(f"the few-shot images differ from those recorded in {path}: resume "
+                            f"with the same --dataset/--shots/--seed/--subsample")
+    else:
+        path.write_text(json.dumps(record))
+
+
+def _eval_sets(args, dataset: str, root):
+    d = load_dataset(dataset, root)
+    return d, (d.val if args.eval_split == "val" else d.test)
+
+
+def train_run(args):
+    started = time.perf_counter()
+    method_class(args.method)  # unknown method: fail before loading anything
+    dataset = args.dataset or "builtin"
+    env = _env(args)
+    recipe = recipe_for(args.method, dataset.lower(), epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, shots=args.shots, **getattr(args, "recipe", {}))
+    out = Path(args.out or f"runs/{dataset}/{args.method}/seed{args.seed}")
+    if (out / CHECKPOINT).is_file() and not args.resume:
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it or another --out")
+    data = few_shot(load_dataset(dataset, args.data_root), recipe.shots, seed=args.seed)
+    if args.subsample == "base":
+        train_split, novel = split_base_novel(data)
+    else:
+        train_split, novel = data, None
+    out.mkdir(parents=True, exist_ok=True)
+    if env.main:
+        _check_split(out, {"train": _split_record(train_split.train),
+                           "val": _split_record(train_split.val)}, args.resume)
+    clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device)
+    options = parse_options(args.opt)
+    fields = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
+    if "shots" in fields:
+        options.setdefault("shots", recipe.shots)
+    model = create(args.method, clip, train_split.classnames, **options)
+    if args.plain:
+        model.set_fast(False)
+    extra = {"run": {"dataset": dataset, "data_root": args.data_root, "seed": args.seed,
+                     "subsample": args.subsample, "recipe": dataclasses.asdict(recipe),
+                     "novel_classnames": novel.classnames if novel else [],
+                     "plain": args.plain, "precision": env.precision}}
+    stats = train(model, recipe, train_split.train, out, env, resume=args.resume, extra=extra)
+    if not env.main:
+        return None
+    metrics = _evaluate(model, args, env, train_split, novel)
+    metrics.update(stats)
+    metrics["wall_s"] = time.perf_counter() - started
+    return _finish(out, metrics)
+
+
+def _evaluate(model, args, env, base, novel) -> dict:
+    def acc(names, items):
+        return accuracy(model.classifier(names), items, env.device, workers=env.workers,
+                        precision=env.precision, on_error=env.on_error)
+
+    pick = (lambda d: d.val) if args.eval_split == "val" else (lambda d: d.test)
+    if novel is not None:
+        b, n = acc(base.classnames, pick(base)), acc(novel.classnames, pick(novel))
+        metrics = {"base_acc": b, "novel_acc": n, "hm": harmonic_mean(b, n)}
+    else:
+        metrics = {"acc": acc(base.classnames, pick(base))}
+    for name in filter(None, (args.eval_datasets or "").split(",")):
+        d, items = _eval_sets(args, name.strip(), args.data_root)
+        metrics[f"acc_{name.strip()}"] = acc(d.classnames, items)
+    return metrics
+
+
+def _finish(out: Path, metrics: dict) -> dict:
+    from .plot import plot_curves
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_curves(out)
+    return metrics
+
+
+def evaluate_run(args):
+    """--eval-only --run DIR: the saved model on its own protocol or on --dataset/--eval-datasets."""
+    if not args.run:
+        raise ValueError("--eval-only needs --run RUN_DIR")
+    run = Path(args.run)
+    info = read_config(run).get("run", {})
+    env = _env(args)
+    model = load(run).to(env.device).eval()
+    dataset = args.dataset or info.get("dataset", "builtin")
+    root = args.data_root or info.get("data_root")
+    if dataset == info.get("dataset") and info.get("subsample", "base") == "base":
+        base, novel = split_base_novel(load_dataset(dataset, root))
+        if base.classnames != model.classnames:
+            raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong --data-root?")
+    else:
+        base, novel = load_dataset(dataset, root), None
+    return _evaluate(model, args, env, base, novel)

@@ -1,0 +1,213 @@
+"""The training loop: recipe schedule, mixed precision, per-epoch atomic checkpoints, resume, DDP.
+
+A run directory gets, after every epoch, `checkpoint.safetensors` (trainable tensors + SGD
+momentum + the epoch, one atomic file) and the adapter files of `fastprompt.save`, so a run that
+dies loses at most the epoch in flight and `resume=True` continues from the last finished epoch.
+Data order and augmentation are seeded per (seed, epoch), which makes CPU runs reproducible and
+resumed runs identical to uninterrupted ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .checkpoint import atomic_write, save
+from .data import ImageDataset, train_transform
+from .evaluate import autocast, loader_kwargs
+from .recipes import Recipe
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (one-line reason naming the fix)."""
+
+
+@dataclass
+class TrainEnv:
+    device: torch.device
+    precision: str = "fp32"        # fp32 | bf16 | fp16
+    workers: int = 0
+    seed: int = 1
+    on_error: str = "skip"
+    progress: bool = True
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class LossModule(nn.Module):
+    """forward = the method's objective, so DistributedDataParallel sees the training call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels):
+        return self.model.loss_and_logits(images, labels)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in model.trainable_state().items():
+        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum/{name}"] = buf.detach().cpu().contiguous()
+    meta = {"epoch": str(epoch)}
+    atomic_write(run_dir / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
+    save(model, run_dir, extra=extra)
+
+
+def load_checkpoint(model, optimizer, run_dir: Path) -> int:
+    """Restore trainable tensors and momentum; return the number of finished epochs."""
+    from safetensors import safe_open
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise TrainingError(f"nothing to resume: no {CHECKPOINT} in {run_dir} (drop --resume)")
+    with safe_open(str(path), "pt") as f:
+        epoch = int(f.metadata()["epoch"])
+        keys = set(f.keys())
+        own = model.trainable_state()
+        missing = [k for k in own if f"param/{k}" not in keys]
+        if missing:
+            raise TrainingError(f"{path} lacks '{missing[0]}': it belongs to another method/config")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(f.get_tensor(f"param/{name}"))
+                if f"momentum/{name}" in keys:
+                    optimizer.state[p]["momentum_buffer"] = f.get_tensor(f"momentum/{name}").to(p.device)
+    return epoch
+
+
+def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
+    params = list(model.trainable_state().values())
+    if not params:
+        raise TrainingError(f"method '{model.name}' has nothing to train: use --epochs 0")
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay)
+
+
+def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resume: bool = False,
+          extra: dict | None = None, log=print) -> dict:
+    """Tune `model` on `data` (list of Datum) following `recipe`; returns throughput stats."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(model, recipe)
+    start = load_checkpoint(model, optimizer, run_dir) if resume else 0
+    if resume:
+        log(f"resuming {run_dir} after epoch {start}/{recipe.epochs}")
+    step_fn = LossModule(model)
+    if env.world_size > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
+                                                 model.clip.std), on_error=env.on_error)
+    if len(dataset) < recipe.batch_size * env.world_size:
+        raise TrainingError(f"{len(dataset)} training images are fewer than one batch of "
+                            f"{recipe.batch_size}: lower --batch-size or raise --shots")
+    images_seen, train_time = 0, 0.0
+    model.train()
+    for epoch in range(start, recipe.epochs):
+        lr = recipe.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(epoch_seed(env.seed, epoch))
+        loader = _loader(dataset, recipe.batch_size, env, epoch)
+        stats = _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir)
+        images_seen += stats["images"]
+        train_time += stats["wall_s"]
+        if env.main:
+            save_checkpoint(model, optimizer, run_dir, epoch + 1, extra or {})
+            entry = {"epoch": epoch + 1, "lr": lr, **stats}
+            with open(run_dir / LOG, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            log(f"epoch {epoch + 1}/{recipe.epochs}  lr {lr:.2e}  loss {stats['loss']:.4f}  "
+                f"acc {stats['acc']:.1f}%  {stats['images_per_s']:.1f} img/s")
+    if env.main and recipe.epochs == start:
+        save(model, run_dir, extra=extra or {})
+    model.eval()
+    return {"train_images_per_s": images_seen * env.world_size / train_time if train_time else 0.0,
+            "train_wall_s": train_time, "epochs": recipe.epochs}
+
+
+def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:
+    g = torch.Generator().manual_seed(epoch_seed(env.seed, epoch))
+    if env.world_size > 1:
+        sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True,
+                                     seed=env.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, generator=g,
+                          **loader_kwargs(env.device, env.workers))
+    return DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=g,
+                      **loader_kwargs(env.device, env.workers))
+
+
+def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir) -> dict:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+               disable=not (env.progress and env.main and sys.stderr.isatty()))
+    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    for step, (images, labels) in enumerate(bar):
+        images = images.to(env.device, non_blocking=True)
+        labels = labels.to(env.device, non_blocking=True)
+        with autocast(env.device, env.precision):
+            loss, logits = step_fn(images, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower "
+                                f"--lr or use --precision fp32; the checkpoint of epoch {epoch} in "
+                                f"{run_dir} is intact (--resume continues from it)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = labels.numel()
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += n
+        rate = seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                        img_s=f"{rate:.1f}")
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    wall = time.perf_counter() - t0
+    if seen == 0:
+        raise TrainingError("the training loader produced no batch: lower --batch-size")
+    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "images": seen,
+            "wall_s": wall, "images_per_s": seen / wall}
+
+
+def init_distributed(device_arg: str | None) -> TrainEnv:
+    """TrainEnv from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK) or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda but no CUDA device is visible: use --device cpu")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return TrainEnv(device=device, rank=rank, world_size=world)

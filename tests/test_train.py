@@ -1,0 +1,127 @@
+"""`python -m fastprompt.train` end to end on the tiny backbone: protocol, files, resume, errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastprompt.checkpoint import read_config
+from fastprompt.train import main
+
+FAST = ["--no-progress", "--shots", "2", "--epochs", "1"]
+PET_CLASSES = ["abyssinian", "american_bulldog", "beagle", "bengal", "boxer"]  # 5: base = first 3
+
+
+def write_oxford_pets(root, per_class=4):
+    """A small dataset in CoOp's layout: oxford_pets/images/*.jpg + split_zhou_OxfordPets.json."""
+    d = root / "oxford_pets"
+    (d / "images").mkdir(parents=True)
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(PET_CLASSES):
+        for i in range(per_class * 3):
+            fname = f"{name}_{i}.jpg"
+            colour = (40 * label, 255 - 40 * label, (17 * i) % 255)
+            Image.new("RGB", (40, 36), colour).save(d / "images" / fname)
+            part = ["train", "val", "test"][i % 3]
+            split[part].append([fname, label, name])
+    (d / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    return root
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_coop_layout_trains_on_base_classes_and_reports_novel(tmp_path, capsys):
+    root = write_oxford_pets(tmp_path / "data")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["--method", "coop", "--dataset", "oxford_pets", "--data-root",
+                               str(root), "--out", str(out), "--batch-size", "2", *FAST], capsys)
+    assert code == 0
+    config = read_config(out)
+    assert config["classnames"] == PET_CLASSES[:3]
+    assert config["run"]["novel_classnames"] == PET_CLASSES[3:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"base_acc", "novel_acc", "hm", "train_images_per_s", "wall_s"} <= set(metrics)
+    assert "novel_acc" in stdout and (out / "curves.png").is_file()
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 3 * 2  # 2 shots x 3 base classes
+
+
+def test_plain_folder_tree_trains(tmp_path, capsys):
+    tree = tmp_path / "flowers"
+    for c, name in enumerate(["rose", "tulip", "daisy_white"]):
+        (tree / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (80 * c, 10 * i, 50)).save(tree / name / f"{i}.png")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["--method", "mma", "--dataset", "folder", "--data-root", str(tree),
+                               "--subsample", "all", "--out", str(out), "--batch-size", "2", *FAST],
+                              capsys)
+    assert code == 0 and "acc" in json.loads((out / "metrics.json").read_text())
+    assert read_config(out)["classnames"] == ["daisy white", "rose", "tulip"]
+
+
+def test_missing_split_file_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "oxford_pets" / "images").mkdir(parents=True)
+    code, _, err = run_cli(["--dataset", "oxford_pets", "--data-root", str(tmp_path),
+                            "--out", str(tmp_path / "r"), *FAST], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "split_zhou_OxfordPets.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--dataset", "nope"], "unknown dataset"),
+    (["--opt", "nonsense=1"], "unknown option 'nonsense'"),
+    (["--shots", "500"], "shots"),
+])
+def test_bad_input_exits_with_one_line(args, needle, tmp_path, capsys):
+    code, _, err = run_cli([*FAST, *args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, capsys):
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"warmup_epochs": 0, "lr": 1e32, "epochs": 2}))
+    out = tmp_path / "r"
+    code, _, err = run_cli(["--config", str(cfg), "--method", "coop", "--out", str(out),
+                            "--no-progress", "--shots", "4", "--batch-size", "4"], capsys)
+    assert code == 2 and "loss is nan" in err.lower() and "--lr" in err
+
+
+def test_resume_continues_a_killed_run_exactly(tmp_path, capsys):
+    common = ["--method", "coop", "--no-progress", "--shots", "2", "--batch-size", "2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_cli([*common, "--epochs", "2", "--out", str(whole)], capsys)[0] == 0
+    assert run_cli([*common, "--epochs", "1", "--out", str(part)], capsys)[0] == 0  # "killed" after 1
+    code, _, err = run_cli([*common, "--epochs", "2", "--out", str(part)], capsys)
+    assert code == 2 and "--resume" in err  # an existing run is never overwritten silently
+    assert run_cli([*common, "--epochs", "2", "--out", str(part), "--resume"], capsys)[0] == 0
+    a, b = load_file(str(whole / "adapter.safetensors")), load_file(str(part / "adapter.safetensors"))
+    assert torch.equal(a["ctx"], b["ctx"])
+    assert len((part / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_only_reproduces_the_run(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli(["--method", "ivlp", "--out", str(out), "--batch-size", "4", *FAST], capsys)[0] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    code, stdout, _ = run_cli(["--eval-only", "--run", str(out), "--no-progress"], capsys)
+    assert code == 0 and f"base_acc {metrics['base_acc']:.2f}" in stdout
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """torchrun with the gloo backend, two processes: rank 0 writes the run."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "fastprompt.train", "--method", "coop", "--out", str(out),
+           "--device", "cpu", "--batch-size", "2", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "metrics.json").is_file() and "hm" in proc.stdout
