@@ -1,0 +1,69 @@
+"""`python -m bench.report FILE.json`: the table of a pytest-benchmark JSON file.
+
+Per group: each variant's median time, its speed-up over the group's `baseline` (baseline time
+divided by the variant's), images/s where the benchmark records `images`, GB/s where it records
+`gbps`, and for training steps the achieved TFLOP/s (counted FLOPs / median) and its share of
+the device's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+#: dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
+PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0}
+
+
+def peak_for(device: str) -> float | None:
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def rows_of(data: dict) -> dict[str, list[dict]]:
+    groups = defaultdict(list)
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        groups[b.get("group") or b["name"]].append({
+            "variant": info.get("variant", b["name"]), "median": b["stats"]["median"],
+            "images": info.get("images"), "gbps": info.get("gbps"), "flops": info.get("flops"),
+            "device": info.get("device", "")})
+    return groups
+
+
+def table(data: dict) -> str:
+    lines = [f"{'group':34} {'variant':16} {'median ms':>10} {'speed-up':>9} {'img/s':>10} "
+             f"{'GB/s':>8} {'TFLOP/s':>8} {'% peak':>7}"]
+    for group, rows in sorted(rows_of(data).items()):
+        base = next((r["median"] for r in rows if r["variant"] == "baseline"), None)
+        for r in sorted(rows, key=lambda r: r["variant"] != "baseline"):
+            speed = f"{base / r['median']:.2f}x" if base else ""
+            ips = f"{r['images'] / r['median']:.1f}" if r["images"] else ""
+            gbps = f"{r['gbps']:.0f}" if r["gbps"] else ""
+            tflops = r["flops"] / r["median"] / 1e12 if r["flops"] else None
+            peak = peak_for(r["device"]) if tflops else None
+            lines.append(f"{group:34} {r['variant']:16} {r['median'] * 1e3:10.3f} {speed:>9} "
+                         f"{ips:>10} {gbps:>8} {'' if tflops is None else f'{tflops:.1f}':>8} "
+                         f"{'' if not peak else f'{100 * tflops / peak:.1f}':>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.report FILE.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        data = json.load(f)
+    machine = data.get("machine_info", {})
+    print(f"# {machine.get('node', '')} {machine.get('cpu', {}).get('brand_raw', '')} "
+          f"{data.get('datetime', '')}")
+    print(table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Inference and training throughput per method: the original-style baseline vs fastprompt.
+
+baseline   = the same model with every optimisation off (`set_fast(False)`): 77 text tokens,
+             the text tower rerun on every batch, `torch.cat` insertion, unfused adapters, no caches
+fastprompt = the defaults: `model.classifier()` for inference (cached text, one image pass), the
+             text shortcut / kernels / caches for training
+clip-image-only = open_clip's own `encode_image` + one matmul: the ceiling for inference
+
+On CUDA: ViT-B/16 (random init), bf16 autocast, batch 100, C = 100 and 1000 classes; training at
+C = 500 base classes with each method's original batch size. On a CPU: the tiny backbone, fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprompt as fp
+from fastprompt.recipes import RECIPES
+
+INFER_METHODS = ["coop", "maple", "ivlp", "mma", "maple+lamm"]
+TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm"]
+
+
+@functools.lru_cache(maxsize=None)
+def backbone(cuda: bool):
+    name = "ViT-B-16" if cuda else "tiny"
+    return fp.load_clip(name, seed=0, device="cuda" if cuda else "cpu")
+
+
+def workload(env) -> dict:
+    if env.cuda:
+        return {"batch": 100, "classes": (100, 1000), "train_classes": 500, "image": 224}
+    return {"batch": 16, "classes": (100, 1000), "train_classes": 50, "image": 32}
+
+
+def classnames(n: int) -> list[str]:
+    return [f"object number {i}" for i in range(n)]
+
+
+def images(env, batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(env.device)
+
+
+def amp(env):
+    return torch.autocast(env.device.type, dtype=env.dtype, enabled=env.cuda)
+
+
+def note(benchmark, **info):
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("n_classes_index", [0, 1], ids=["C100", "C1000"])
+@pytest.mark.parametrize("variant", ["baseline", "fastprompt", "clip-image-only"])
+@pytest.mark.parametrize("method", INFER_METHODS)
+def test_inference(benchmark, bench, method, variant, n_classes_index):
+    env, w = bench.env, workload(bench.env)
+    n = w["classes"][n_classes_index]
+    benchmark.group = f"inference-{method}-C{n}"
+    clip = backbone(env.cuda)
+    x = images(env, w["batch"], w["image"])
+    torch.manual_seed(0)
+    model = fp.create(method, clip, classnames(n)).eval()
+    if variant == "baseline":
+        model.set_fast(False)
+        fn = model
+    elif variant == "fastprompt":
+        with amp(env):
+            fn = model.classifier()
+    else:
+        with torch.no_grad(), amp(env):
+            text = model.classifier().text_features
+        scale = clip.model.logit_scale.exp()
+
+        def fn(images):
+            return scale * F.normalize(clip.model.encode_image(images), dim=-1) @ text.t()
+
+    def step():
+        with torch.no_grad(), amp(env):
+            return fn(x)
+
+    bench.run(step, variant=variant, shapes={"images": tuple(x.shape)}, bytes_moved=0)
+    note(benchmark, classes=n, images=w["batch"], method=method)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "fastprompt"])
+@pytest.mark.parametrize("method", TRAIN_METHODS)
+def test_train_step(benchmark, bench, method, variant):
+    env, w = bench.env, workload(bench.env)
+    n = w["train_classes"]
+    batch = RECIPES[method].batch_size
+    benchmark.group = f"train-{method}"
+    clip = backbone(env.cuda)
+    torch.manual_seed(0)
+    model = fp.create(method, clip, classnames(n)).train()
+    if variant == "baseline":
+        model.set_fast(False)
+    x = images(env, batch, w["image"])
+    y = torch.arange(batch, device=env.device) % n
+    opt = torch.optim.SGD(model.trainable_state().values(), lr=1e-4, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp(env):
+            loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    flops = count_flops(step)
+    bench.run(step, variant=variant, shapes={"images": tuple(x.shape)}, bytes_moved=0)
+    note(benchmark, classes=n, images=batch, method=method, flops=flops)
+
+
+def count_flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())

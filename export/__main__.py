@@ -1,0 +1,70 @@
+"""python -m fastprompt.export --run RUN_DIR --format onnx|tensorrt --out FILE [options]
+
+Exit status: 0 exported and checked; 1 the check failed (the file is kept for inspection);
+2 bad input (missing run, unsupported method, TensorRT/CUDA missing, bad option), one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .onnx import EXPORTERS, MIN_OPSET, ExportCheckError, ExportError
+from .tensorrt import DEFAULT_BATCH
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fastprompt.export",
+                description="Export a fastprompt run's classifier (one image pass, learned "
+                            "prompts/adapters and the class text matrix baked in) to ONNX or a "
+                            "TensorRT engine.")
+    p.add_argument("--run", required=True, help="run directory (config.json + adapter.safetensors)")
+    p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
+    p.add_argument("--out", required=True,
+                   help="output file: model.onnx, or model.plan for tensorrt (model.onnx, "
+                        "model.plan.json and model.timing.cache are written next to it)")
+    p.add_argument("--features", action="store_true",
+                   help="output the normalised image features instead of the class logits")
+    p.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCH)), metavar="MIN,OPT,MAX",
+                   help="tensorrt optimisation profile over the batch axis; OPT is the deployment "
+                        "batch (default %(default)s; ONNX files have a free batch axis)")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help="ONNX opset (>= 17, default 17)")
+    p.add_argument("--fp32", action="store_true", help="tensorrt: build in fp32 (default: fp16 "
+                   "with normalisation layers in fp32)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                   help="torch.onnx exporter (default: torchscript, see export/onnx.py)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    prog = "python -m fastprompt.export"
+    try:
+        if args.format == "onnx":
+            from .onnx import export_onnx
+
+            export_onnx(args.run, args.out, features=args.features, opset=args.opset,
+                        exporter=args.exporter)
+        else:
+            from .tensorrt import export_tensorrt, parse_batch
+
+            export_tensorrt(args.run, args.out, batch=parse_batch(args.batch), fp16=not args.fp32,
+                            features=args.features, opset=args.opset, exporter=args.exporter)
+    except ExportError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unwritable --out, full disk, ...
+        print(f"{prog}: error: {err.strerror or err}: {err.filename or args.out}", file=sys.stderr)
+        return 2
+    except ExportCheckError as err:
+        print(f"{prog}: check failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""python -m fastprompt.predict --model RUN_DIR|FILE.onnx|FILE.plan IMAGE_OR_DIR... [options]
+
+Classifies images with a run (torch), an exported ONNX file (onnxruntime) or a TensorRT engine,
+using evaluation's preprocessing (`test_transform` with the model's image size, mean and std).
+Prints the top-k classes with softmax probabilities per image (`--json`: one JSON object a line).
+Directories are searched recursively for image files. Unreadable images are reported by path on
+stderr and skipped. Exit status: 0 when at least one image was classified, 1 when none could be
+read, 2 for bad input (model not found, unknown format, missing path), with one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator
+
+PROG = "python -m fastprompt.predict"
+
+
+class InputError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Classify images with a fastprompt run, ONNX file or "
+                                       "TensorRT engine.")
+    p.add_argument("--model", required=True, help="run directory, .onnx file or .plan engine")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda for a TensorRT engine, cpu otherwise")
+    return p
+
+
+def image_paths(inputs: list[str]) -> list[str]:
+    """Files as given, directories expanded recursively to their image files."""
+    from fastprompt.data.folder import image_files
+    from fastprompt.data.images import IMAGE_EXTENSIONS
+
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = image_files(item)
+            if not found:
+                raise InputError(f"no image files under {item} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise InputError(f"no such file or directory: {item}")
+    return paths
+
+
+def read_image(path: str):
+    """RGB PIL image, or None after reporting the path on stderr."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # forces the full decode
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        print(f"{PROG}: cannot read image {path}: {reason}", file=sys.stderr)
+        return None
+
+
+def batches(paths: list[str], transform, size: int) -> Iterator[tuple[list[str], object]]:
+    """(paths, image tensor [B, 3, S, S]) batches of the readable images."""
+    import torch
+
+    names, tensors = [], []
+    for path in paths:
+        img = read_image(path)
+        if img is None:
+            continue
+        names.append(path)
+        tensors.append(transform(img))
+        if len(names) == size:
+            yield names, torch.stack(tensors)
+            names, tensors = [], []
+    if names:
+        yield names, torch.stack(tensors)
+
+
+def format_line(path: str, top: list[tuple[str, float]]) -> str:
+    return f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top)
+
+
+def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_json: bool = False,
+            out=None) -> int:
+    """Classify `paths`, print one result per readable image; return how many were classified."""
+    import torch
+
+    out = sys.stdout if out is None else out
+    from fastprompt.data import test_transform
+
+    transform = test_transform(runner.image_size, runner.mean, runner.std)
+    k = max(1, min(topk, len(runner.classnames)))
+    done = 0
+    for names, x in batches(paths, transform, batch_size):
+        if runner.device == "cuda":
+            x = x.cuda()
+        probs = torch.softmax(runner.run(x).float().cpu(), dim=-1)
+        values, index = probs.topk(k, dim=-1)
+        for path, vals, idx in zip(names, values.tolist(), index.tolist()):
+            top = [(runner.classnames[i], v) for i, v in zip(idx, vals)]
+            if as_json:
+                print(json.dumps({"image": path, "top": [{"class": c, "prob": round(p, 6)}
+                                                         for c, p in top]}), file=out)
+            else:
+                print(format_line(path, top), file=out)
+            done += 1
+    return done
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.topk < 1 or args.batch_size < 1:
+            raise InputError("--topk and --batch-size must be at least 1")
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InputError("--device cuda: torch sees no CUDA device")
+        paths = image_paths(args.images)
+        from fastprompt.export.onnx import ExportError
+        from fastprompt.export.runners import open_runner
+
+        try:
+            runner = open_runner(args.model, args.device)
+        except ExportError as err:
+            raise InputError(str(err)) from None
+        if runner.output != "logits":
+            raise InputError(f"{args.model} outputs image features, not class logits: export it "
+                             f"without --features to classify")
+    except InputError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    done = predict(runner, paths, args.topk, args.batch_size, args.json)
+    if done == 0:
+        print(f"{PROG}: error: none of the {len(paths)} images could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
