@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import fastprompt as fp
 from fastprompt.recipes import RECIPES
+from fastprompt.training import LossModule, TrainEnv, make_step
 
 INFER_METHODS = ["coop", "maple", "ivlp", "mma", "maple+lamm"]
 TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm"]
@@ -100,23 +101,28 @@ def test_train_step(benchmark, bench, method, variant):
     x = images(env, batch, w["image"])
     y = torch.arange(batch, device=env.device) % n
     opt = torch.optim.SGD(model.trainable_state().values(), lr=1e-4, momentum=0.9)
+    # the trainer's own step: CUDA-graph replay on a GPU for fastprompt, eager for the baseline
+    train_env = TrainEnv(device=env.device, precision="bf16" if env.cuda else "fp32",
+                         cuda_graphs=variant == "fastprompt")
+    loss_fn = make_step(model, train_env)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with amp(env):
-            loss = model.loss(x, y)
+            loss, _ = loss_fn(x, y)
         loss.backward()
         opt.step()
         return loss
 
-    flops = count_flops(step)
+    flops = count_flops(LossModule(model), x, y, env)
     bench.run(step, variant=variant, shapes={"images": tuple(x.shape)}, bytes_moved=0)
     note(benchmark, classes=n, images=batch, method=method, flops=flops)
 
 
-def count_flops(step) -> int:
+def count_flops(step, x, y, env) -> int:
+    """FLOPs of one eager forward + backward (matmuls and attention, as torch counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    with FlopCounterMode(display=False) as counter, amp(env):
+        step(x, y)[0].backward()
     return int(counter.get_total_flops())

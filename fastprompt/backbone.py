@@ -124,15 +124,18 @@ class Backbone(nn.Module):
             return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
 
-    def text_length(self, eot: torch.Tensor, full: int, opts: RunOptions) -> int:
-        """Sequence length the text tower needs: max(eot)+1 with the exact causal shortcut."""
+    def text_length(self, eot: torch.Tensor, full: int, opts: RunOptions,
+                    used: int | None = None) -> int:
+        """Sequence length the text tower needs: max(eot)+1 with the exact causal shortcut.
+        `used` (that number, known on the host) avoids a device sync."""
         if not opts.truncate_text or self.text["pool_type"] == "last":
             return full
-        return int(eot.max()) + 1
+        return used if used is not None else int(eot.max()) + 1
 
-    def text_input(self, emb: torch.Tensor, eot: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+    def text_input(self, emb: torch.Tensor, eot: torch.Tensor, opts: RunOptions,
+                   used: int | None = None) -> torch.Tensor:
         """Token embeddings [N, L, D] -> layer-0 input (position embedding added, truncated)."""
-        n = self.text_length(eot, emb.shape[1], opts)
+        n = self.text_length(eot, emb.shape[1], opts, used)
         pos = self.text["positional_embedding"][:n]
         return emb[:, :n] + pos.to(emb.dtype)
 
@@ -153,9 +156,10 @@ class Backbone(nn.Module):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def encode_text(self, emb: torch.Tensor, eot: torch.Tensor, hooks: TowerHooks = NO_HOOKS,
-                    opts: RunOptions = RunOptions(), prompt_start: int = 1) -> torch.Tensor:
+                    opts: RunOptions = RunOptions(), prompt_start: int = 1,
+                    used: int | None = None) -> torch.Tensor:
         """Token embeddings [N, L, D] (prompts substituted) + end-of-text rows -> features [N, E]."""
-        x = self.text_input(emb, eot, opts)
+        x = self.text_input(emb, eot, opts, used)
         x = self.text_blocks(x, hooks, opts, prompt_start=prompt_start)
         return self.text_head(x, eot)
 

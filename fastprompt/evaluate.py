@@ -39,9 +39,10 @@ def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
     return 100.0 * correct / total
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA (or bf16 on CPU when asked); a no-op for fp32."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16/fp16 autocast on CUDA (or bf16 on CPU when asked); a no-op for fp32.
+    `cache=False` for CUDA-graph capture (autocast's weight-cast cache must be off there)."""
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)

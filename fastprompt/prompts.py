@@ -28,7 +28,10 @@ class PromptTemplate(nn.Module):
         names = [clean_name(c) for c in self.classnames]
         texts = [" ".join(t for t in (prefix, n) if t) + suffix for n in names]
         device = backbone.model.logit_scale.device
-        tokens = backbone.clip.tokenize(texts).to(device)
+        tokens = backbone.clip.tokenize(texts)
+        #: max(eot) + 1: the text tokens that matter (a host int: no device sync when truncating)
+        self.used_tokens = int(backbone.eot_index(tokens).max()) + 1
+        tokens = tokens.to(device)
         eot = backbone.eot_index(tokens)
         bare = backbone.clip.tokenize([prefix + suffix]).to(device)
         #: first row of the class name (row 0 is SOS)

@@ -28,6 +28,7 @@ def _env(args) -> TrainEnv:
     env.precision = ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision
     env.workers = args.workers if args.workers is not None else (4 if cuda else 0)
     env.seed, env.on_error, env.progress = args.seed, args.on_error, not args.no_progress
+    env.cuda_graphs = not (args.plain or args.no_cuda_graphs)
     return env
 
 

@@ -38,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="method option, e.g. --opt depth=3 (repeatable)")
     p.add_argument("--config", default=None, help="YAML/JSON recipe: any of these flags + 'options'")
     p.add_argument("--plain", action="store_true",
-                   help="turn every optimisation off (kernels, text shortcut, caches): the baseline")
+                   help="turn every optimisation off (kernels, text shortcut, caches, CUDA graphs): "
+                        "the original-style baseline")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the training step eagerly instead of replaying a captured CUDA graph")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--workers", type=int, default=None, help="data loader workers")

@@ -26,6 +26,7 @@ from .evaluate import autocast, loader_kwargs
 from .recipes import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
+SYNC_EVERY = 20  # steps between host reads of the running loss / NaN flag
 LOG = "log.jsonl"
 
 
@@ -43,6 +44,7 @@ class TrainEnv:
     progress: bool = True
     rank: int = 0
     world_size: int = 1
+    cuda_graphs: bool = True       # capture the training step as a CUDA graph (CUDA, one process)
 
     @property
     def main(self) -> bool:
@@ -57,7 +59,45 @@ class LossModule(nn.Module):
         self.model = model
 
     def forward(self, images, labels):
-        return self.model.loss_and_logits(images, labels)
+        loss, logits = self.model.loss_and_logits(images, labels)
+        return loss, logits.detach()
+
+
+class GraphedStep:
+    """The step's forward and backward captured once as CUDA graphs and replayed
+    (torch.cuda.make_graphed_callables): the same kernels, without a CPU launch per op, which is
+    what bounds small-batch prompt tuning on a GPU. Exact. Needs fixed batch shapes (training
+    batches are, the loader drops the partial last one) and one process; a batch of another shape
+    runs eagerly, and a capture that fails falls back to eager with a message."""
+
+    def __init__(self, module: nn.Module, env: "TrainEnv", log=print):
+        self.module, self.env, self.log = module, env, log
+        self.graphed, self.shape, self.failed = None, None, False
+
+    def __call__(self, images, labels):
+        if self.graphed is None and not self.failed:
+            try:
+                with autocast(self.env.device, self.env.precision, cache=False):
+                    self.graphed = torch.cuda.make_graphed_callables(self.module, (images, labels))
+                self.shape = (images.shape, labels.shape)
+            except Exception as err:  # noqa: BLE001 - any capture problem means: run eagerly
+                self.failed = True
+                self.log(f"CUDA graphs off ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                         f"training eagerly")
+        if self.graphed is not None and (images.shape, labels.shape) == self.shape:
+            return self.graphed(images, labels)
+        return self.module(images, labels)
+
+
+def make_step(model, env: "TrainEnv", cuda_graphs: bool = True, log=print):
+    """Callable (images, labels) -> (loss, logits) for one training step: eager, DDP, or graphed."""
+    step = LossModule(model)
+    if env.world_size > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(step, device_ids=ids)
+    if cuda_graphs and env.device.type == "cuda":
+        return GraphedStep(step, env, log)
+    return step
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -116,10 +156,7 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
     start = load_checkpoint(model, optimizer, run_dir) if resume else 0
     if resume:
         log(f"resuming {run_dir} after epoch {start}/{recipe.epochs}")
-    step_fn = LossModule(model)
-    if env.world_size > 1:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
+    step_fn = make_step(model, env, env.cuda_graphs, log)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
                                                  model.clip.std), on_error=env.on_error)
@@ -168,34 +205,45 @@ def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, ru
 
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                disable=not (env.progress and env.main and sys.stderr.isatty()))
-    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    # running sums stay on the device; the host reads them every SYNC_EVERY steps (no per-step sync)
+    total_loss = torch.zeros((), device=env.device)
+    correct = torch.zeros((), dtype=torch.long, device=env.device)
+    finite = torch.ones((), dtype=torch.bool, device=env.device)
+    seen, t0, last = 0, time.perf_counter(), 0
     for step, (images, labels) in enumerate(bar):
         images = images.to(env.device, non_blocking=True)
         labels = labels.to(env.device, non_blocking=True)
         with autocast(env.device, env.precision):
             loss, logits = step_fn(images, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower "
-                                f"--lr or use --precision fp32; the checkpoint of epoch {epoch} in "
-                                f"{run_dir} is intact (--resume continues from it)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         n = labels.numel()
-        total_loss += loss.item() * n
-        correct += int((logits.argmax(-1) == labels).sum())
+        finite &= torch.isfinite(loss.detach())
+        total_loss += loss.detach().float() * n
+        correct += (logits.argmax(-1) == labels).sum()
         seen += n
-        rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                        img_s=f"{rate:.1f}")
+        if step + 1 - last >= SYNC_EVERY or step + 1 == len(loader):
+            _check_finite(finite, epoch, last + 1, step + 1, run_dir)
+            last = step + 1
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}",
+                            acc=f"{100 * int(correct) / seen:.1f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
     wall = time.perf_counter() - t0
     if seen == 0:
         raise TrainingError("the training loader produced no batch: lower --batch-size")
-    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "images": seen,
+    return {"loss": float(total_loss) / seen, "acc": 100.0 * int(correct) / seen, "images": seen,
             "wall_s": wall, "images_per_s": seen / wall}
+
+
+def _check_finite(finite: torch.Tensor, epoch: int, first: int, last: int, run_dir) -> None:
+    if not bool(finite):
+        raise TrainingError(f"the loss became NaN/inf in epoch {epoch + 1} (steps {first}-{last}): "
+                            f"lower --lr or use --precision fp32; the checkpoint of epoch {epoch} in "
+                            f"{run_dir} is intact (--resume continues from it)")
 
 
 def init_distributed(device_arg: str | None) -> TrainEnv:

@@ -48,3 +48,32 @@ def test_classifier_on_gpu_equals_forward():
     x = torch.randn(3, 3, 224, 224, device="cuda")
     with torch.no_grad():
         assert torch.allclose(model.classifier()(x), model(x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["coop", "maple", "mma", "maple+lamm"])
+def test_cuda_graph_step_equals_eager_step(method, precision):
+    from fastprompt.training import LossModule, TrainEnv, make_step
+
+    clip = fp.load_clip("tiny", seed=0, device="cuda")
+    torch.manual_seed(0)
+    model = fp.create(method, clip, ["dog", "cat", "sports car", "golden retriever", "red apple"]).train()
+    env = TrainEnv(device=torch.device("cuda"), precision=precision)
+    graphed, eager = make_step(model, env), LossModule(model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for seed in range(3):  # capture on the first batch, replay on new data after that
+        g = torch.Generator("cuda").manual_seed(seed)
+        x = torch.randn(4, 3, 32, 32, device="cuda", generator=g)
+        y = torch.randint(0, 5, (4,), device="cuda", generator=g)
+        results = []
+        for step in (graphed, eager):
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=dtype, enabled=precision == "bf16"):
+                loss, _ = step(x, y)
+            loss.backward()
+            results.append((loss.detach(), {k: p.grad.clone() for k, p in model.trainable_state().items()}))
+        assert graphed.graphed is not None and not graphed.failed
+        (lg, gg), (le, ge) = results
+        assert torch.allclose(lg, le, rtol=1e-5, atol=1e-6)
+        for k in gg:
+            assert torch.allclose(gg[k], ge[k], rtol=1e-4, atol=1e-7), k

@@ -121,7 +121,8 @@ class Method(nn.Module):
     def encode_text(self, template: PromptTemplate) -> torch.Tensor:
         """Un-normalised text features [C, E] of a template under this method's prompts."""
         emb = self.text_embeddings(template)
-        return self.backbone.encode_text(emb, template.eot, self.text_hooks(), self.opts)
+        return self.backbone.encode_text(emb, template.eot, self.text_hooks(), self.opts,
+                                         used=template.used_tokens)
 
     def text_features(self, template: PromptTemplate | None = None) -> torch.Tensor:
         return F.normalize(self.encode_text(template or self.template), dim=-1)

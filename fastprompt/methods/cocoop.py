@@ -44,12 +44,13 @@ class CoCoOp(ContextPrompt):
         img = self.image_features(images)                        # [B, E], normalised
         ctx = self.ctx + self.meta_net(img).unsqueeze(1)         # [B, n_ctx, D]
         b, c = img.shape[0], len(template)
-        n = self.backbone.text_length(template.eot, template.embeddings.shape[1], self.opts)
+        n = self.backbone.text_length(template.eot, template.embeddings.shape[1], self.opts,
+                                      template.used_tokens)
         base = template.embeddings[:, :n]                        # cut before the B-fold copy
         seq = base.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * c, n, -1)
         seq = insert_rows(seq, ctx.repeat_interleave(c, dim=0), 1)
         eot = template.eot.repeat(b)
-        txt = self.backbone.encode_text(seq, eot, opts=self.opts)
+        txt = self.backbone.encode_text(seq, eot, opts=self.opts, used=template.used_tokens)
         txt = F.normalize(txt, dim=-1).view(b, c, -1)
         return self.backbone.logit_scale() * torch.einsum("be,bce->bc", img.to(txt.dtype), txt)
 

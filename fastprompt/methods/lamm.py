@@ -94,8 +94,9 @@ class LabelAlignment:
         is frozen, so cached then)."""
         def compute():
             emb = self.text_embeddings(self.template, initial=True)
-            return F.normalize(self.backbone.encode_text(emb, self.template.eot, self.text_hooks(),
-                                                         self.opts), dim=-1)
+            return F.normalize(self.backbone.encode_text(
+                emb, self.template.eot, self.text_hooks(), self.opts,
+                used=self.template.used_tokens), dim=-1)
         if self.train_context or self.text_hooks().prompts:
             return compute()
         return self.cached(("t0", self.template.key), compute)
@@ -108,9 +109,10 @@ class LabelAlignment:
         loss = F.cross_entropy(logits, labels)
         w_param = 1.0 if cfg.released_code else 1.0 / cfg.shots
         loss = loss + w_param * (self.label_emb - self.label_init).pow(2).sum()
-        if labels.unique().numel() > 1:
-            cos = F.cosine_similarity(t[labels], t0[labels].detach(), dim=-1)
-            loss = loss + cfg.feature_weight * (1 - cos).mean()
+        # feature term, skipped when the batch holds one label (as a mask: no host sync)
+        several = (labels != labels[:1]).any().to(loss.dtype)
+        cos = F.cosine_similarity(t[labels], t0[labels].detach(), dim=-1)
+        loss = loss + several * cfg.feature_weight * (1 - cos).mean()
         T = cfg.temperature
         soft = F.cross_entropy(fixed / T, F.softmax(logits / T, dim=-1))
         return loss + cfg.logit_weight * T * T * soft, logits

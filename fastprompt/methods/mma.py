@@ -75,7 +75,7 @@ class MMA(Method):
         bb, first = self.backbone, self.config.start - 1
 
         def below_adapters():  # frozen layers 0..first-1 over the fixed prompt
-            x = bb.text_input(template.embeddings, template.eot, self.opts)
+            x = bb.text_input(template.embeddings, template.eot, self.opts, template.used_tokens)
             return bb.text_blocks(x, TowerHooks(), self.opts, stop=first)
 
         x = self.cached(("text-prefix", template.key), below_adapters)
