@@ -60,8 +60,10 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     return config
 
 
-def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | None = None):
-    """Rebuild the model of a run directory; reuse `clip` when given (it must be the same backbone)."""
+def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | None = None,
+         device: str | torch.device | None = None):
+    """Rebuild the model of a run directory; reuse `clip` when given (it must be the same backbone).
+    `device` builds a missing backbone there (a given `clip` stays where it is)."""
     from safetensors.torch import load_file
 
     config = read_config(run_dir)
@@ -69,7 +71,7 @@ def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | Non
         raise CheckpointError(f"{run_dir} holds a '{config['method']}' model, not '{method}'")
     src = config["backbone"]
     if clip is None:
-        clip = load_clip(src["model"], src["pretrained"], seed=src["seed"])
+        clip = load_clip(src["model"], src["pretrained"], seed=src["seed"], device=device or "cpu")
     elif clip.name != src["model"] or clip.pretrained != src["pretrained"] or (
             src["pretrained"] is None and clip.seed != src["seed"]):
         raise CheckpointError(f"{run_dir} was trained on backbone {src}, not {clip.source}: "

@@ -124,7 +124,7 @@ def evaluate_run(args):
     run = Path(args.run)
     info = read_config(run).get("run", {})
     env = _env(args)
-    model = load(run).to(env.device).eval()
+    model = load(run, device=env.device).eval()
     dataset = args.dataset or info.get("dataset", "builtin")
     root = args.data_root or info.get("data_root")
     if dataset == info.get("dataset") and info.get("subsample", "base") == "base":
