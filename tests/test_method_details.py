@@ -142,5 +142,12 @@ def test_maple_lamm_released_layout_puts_label_over_of():
     paper = fp.create("maple+lamm", clip, CLASSNAMES)
     released = fp.create("maple+lamm", clip, CLASSNAMES, released_code=True)
     assert paper.label_start == 5 and released.label_start == 3
-    of = clip.tokenize(["of"])[0, 1]
-    assert torch.equal(released.label_emb[:, 0], paper.backbone.token_embeddings(of).expand(5, -1))
+    # released code: label starts from (and is pulled toward) the class token, placed over "of";
+    # t0 is the plain prompt, so its row 3 is "of"
+    assert torch.equal(released.label_emb, paper.label_emb)
+    of = paper.backbone.token_embeddings(clip.tokenize(["of"])[0, 1])
+    initial = released.text_embeddings(released.template, initial=True)
+    assert torch.equal(initial[:, 3], of.expand(5, -1))
+    learned = released.text_embeddings(released.template)
+    assert torch.equal(learned[:, 3], released.label_emb[:, 0])
+    assert torch.equal(learned[:, 5], released.template.embeddings[:, 5])  # class token stays

@@ -12,7 +12,8 @@ where t0 / s0 are the text features / logits of the same prompt with the initial
 embeddings L0 (neither side of the logit term is detached, as in the released code).
 Classes never trained keep their original name embeddings.
 `released_code=True` reproduces the released implementation: w_p = 1, and on MaPLe the label
-sits over the word "of" (row 3) while the class tokens stay fixed.
+sits over the word "of" (row 3) while the class tokens stay fixed; the label still starts from,
+and is regularised toward, the class name's first token, while t0 is the plain prompt ("of").
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ class LabelAlignment:
             self.label_start = self.released_label_row
         if m < 1 or self.label_start + m > int(tpl.eot.min()):
             raise ValueError(f"{m} label tokens from row {self.label_start} do not fit every prompt")
-        init = tpl.embeddings[:, self.label_start:self.label_start + m].detach().clone()
+        if m < 1 or tpl.name_start + m > int(tpl.eot.min()):
+            raise ValueError(f"{m} label tokens do not fit every class name")
+        # initial value and regularisation anchor: the first m tokens of each class name
+        init = tpl.embeddings[:, tpl.name_start:tpl.name_start + m].detach().clone()
         self.label_emb = nn.Parameter(init.clone())
         self.register_buffer("label_init", init, persistent=False)
         self._class_index = {c: i for i, c in enumerate(self.classnames)}
@@ -73,10 +77,11 @@ class LabelAlignment:
 
     def label_rows(self, template, initial: bool = False) -> torch.Tensor:
         """[C, m, D] label rows for a template's classes: learned for trained classes, the
-        template's own (original) embeddings for the others."""
+        template's own (original) embeddings for the others; `initial`: the original prompt's rows
+        (those give t0; in the released MaPLe+LAMM layout they hold the word "of")."""
         s, m = self.label_start, self.label_emb.shape[1]
-        if template is self.template:
-            return self.label_init if initial else self.label_emb
+        if template is self.template and not initial:
+            return self.label_emb
         own = template.embeddings[:, s:s + m]
         idx = [self._class_index.get(c, -1) for c in template.classnames]
         if initial or all(i < 0 for i in idx):

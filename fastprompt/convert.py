@@ -1,0 +1,126 @@
+"""`python -m fastprompt.convert`: a checkpoint of the authors' code -> a fastprompt run directory.
+
+    python -m fastprompt.convert --original maple output/base2new/train_base/dtd/seed1 \\
+        --model ViT-B-16 --pretrained openai --dataset dtd --data-root DATA --subsample base \\
+        [--original-config configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml] --out runs/maple-dtd
+
+CHECKPOINT is a `model.pth.tar-N` / `model-best.pth.tar` file or the original output directory
+(newest epoch). The class names come from --classnames FILE (one per line, or a JSON list) or from
+--dataset/--data-root (CoOp layouts; --subsample base takes the base half, as the original
+DATASET.SUBSAMPLE_CLASSES). The run directory works with `export`, `predict` and `--eval-only`.
+Bad input: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="python -m fastprompt.convert", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--original", nargs=2, required=True, metavar=("METHOD", "CHECKPOINT"),
+                   help="fastprompt method name (coop, cocoop, maple, ivlp, mma, lamm, coop+lamm, "
+                        "maple+lamm) and the original checkpoint file or output directory")
+    p.add_argument("--model", default="ViT-B-16", help="backbone the checkpoint was trained on")
+    p.add_argument("--pretrained", default="openai",
+                   help="its weights: open_clip tag or file ('none': random init from --backbone-seed)")
+    p.add_argument("--backbone-seed", type=int, default=0, help="seed of a random-init backbone")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classnames", help="file: one class name per line, or a JSON list")
+    names.add_argument("--dataset", help="dataset whose class names the checkpoint was trained on")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset")
+    p.add_argument("--subsample", choices=["all", "base"], default=None,
+                   help="classes of --dataset: all, or the base half (default: the config's "
+                        "DATASET.SUBSAMPLE_CLASSES, else all)")
+    p.add_argument("--original-config", default=None, help="the original trainer YAML")
+    p.add_argument("--out", required=True, help="run directory to write")
+    return p.parse_args(argv)
+
+
+def read_classnames(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"class-name file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{file} must hold a JSON list of class names")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{file} holds no class names")
+    return names
+
+
+def _subsample(args) -> str:
+    if args.subsample:
+        return args.subsample
+    if args.original_config and Path(args.original_config).is_file():
+        import yaml
+        conf = yaml.safe_load(Path(args.original_config).read_text()) or {}
+        value = str((conf.get("DATASET") or {}).get("SUBSAMPLE_CLASSES", "all")).lower()
+        if value in ("all", "base"):
+            return value
+        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={value!r} in {args.original_config}: a "
+                         f"checkpoint is trained on 'base' or 'all' classes; pass --subsample")
+    return "all"
+
+
+def run(args) -> Path:
+    import fastprompt as fp
+    from .original import OriginalCheckpointWarning, find_checkpoint, load_original
+
+    method, checkpoint = args.original
+    extra: dict = {}
+    if args.classnames:
+        classnames = read_classnames(args.classnames)
+    else:
+        from .data import load_dataset, split_base_novel
+        data, subsample = load_dataset(args.dataset, args.data_root), _subsample(args)
+        base, novel = split_base_novel(data) if subsample == "base" else (data, None)
+        classnames = base.classnames
+        extra["run"] = {"dataset": args.dataset, "data_root": args.data_root, "subsample": subsample,
+                        "novel_classnames": novel.classnames if novel else []}
+    file = find_checkpoint(method, checkpoint)
+    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    clip = fp.load_clip(args.model, pretrained, seed=args.backbone_seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OriginalCheckpointWarning)
+        model = load_original(method, file, clip, classnames, config=args.original_config)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    extra["original"] = {"method": method, "checkpoint": str(file),
+                         "config": str(args.original_config) if args.original_config else None}
+    return fp.save(model, args.out, extra=extra)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = run(args)
+    except Exception as err:  # expected failures: one line, no traceback
+        from .checkpoint import CheckpointError
+        from .clip import BackboneError
+        from .data import DataError
+        if isinstance(err, (CheckpointError, BackboneError, DataError, ValueError, OSError)):
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        raise
+    print(f"wrote {out} ({args.original[0]} from {args.original[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

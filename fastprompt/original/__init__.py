@@ -1,0 +1,223 @@
+"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM) in and out of fastprompt.
+
+    model = load_original("maple", "output/base2new/.../seed1", clip, classnames)
+    sd = original_state_dict(model)   # {"prompt_learner.ctx": model.ctx, ...} (live tensors)
+    save_original(model, out_dir)     # <out_dir>/<registered name>/model.pth.tar-<epoch>
+
+The file is read with a restricted unpickler (`unpickle.safe_load`): nothing in it is executed.
+What the tensors tell (n_ctx, depth, adapter layers and width, class count, label length) is read
+from them; `config` (original names, e.g. {"ADAPTER_SCALE": 0.1}, or the original YAML) supplies
+the rest and is cross-checked. Any mismatch is an `OriginalCheckpointError` naming the key.
+Config names fastprompt does not know are ignored with a warning listing them (original configs
+carry many that do not concern the tensors); values it cannot honour are refused.
+Key correspondences and config names: `keys.py`.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError
+
+__all__ = ["OriginalCheckpointError", "load_original", "original_state_dict", "save_original",
+           "find_checkpoint"]
+
+
+class OriginalCheckpointError(CheckpointError):
+    """An original checkpoint that cannot be imported (one line naming the key and what was expected)."""
+
+
+class OriginalCheckpointWarning(UserWarning):
+    """Something of an original checkpoint that fastprompt cannot honour exactly (eval is exact)."""
+
+
+def _layout(method: str):
+    from .keys import LAYOUTS
+
+    if method not in LAYOUTS:
+        raise OriginalCheckpointError(f"no original checkpoint format for method '{method}'; "
+                                      f"choose one of: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[method]
+
+
+def find_checkpoint(method: str, path) -> Path:
+    """A checkpoint file, or the newest one under an original output directory:
+    `<dir>/<registered>/model.pth.tar-<N>` (highest N), else `model-best.pth.tar`."""
+    from .keys import LAYOUTS
+
+    p, layout = Path(path), _layout(method)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise OriginalCheckpointError(f"checkpoint not found: {p}")
+    for d in (p / layout.registered, p):
+        epochs = [(int(m.group(1)), f) for f in d.glob("model.pth.tar-*")
+                  if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f.name)) and f.is_file()]
+        if epochs:
+            return max(epochs)[1]
+        if (d / "model-best.pth.tar").is_file():
+            return d / "model-best.pth.tar"
+    others: dict = {}
+    for lay in LAYOUTS.values():
+        if lay.registered != layout.registered and (p / lay.registered).is_dir():
+            others.setdefault(lay.registered, []).append(lay.family)
+    hint = "; it holds " + ", ".join(f"{r}/ ({' or '.join(f)})" for r, f in sorted(others.items())) \
+        if others else ""
+    raise OriginalCheckpointError(f"no {layout.registered}/model.pth.tar-<epoch> or model-best.pth.tar "
+                                  f"under {p} (a {layout.family} run){hint}")
+
+
+def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
+    """(state dict with full original names, floating tensors upcast to fp32; the whole file)."""
+    from .keys import full_key, ignorable
+    from .unpickle import UnpickleError, safe_load
+
+    try:
+        obj = safe_load(file)
+    except UnpickleError as e:
+        raise OriginalCheckpointError(str(e)) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        raw = obj["state_dict"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raw, obj = obj, {"state_dict": obj}
+    else:
+        raise OriginalCheckpointError(f"{file} holds no 'state_dict': not a checkpoint of the original trainers")
+    layout, sd = _layout(method), {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise OriginalCheckpointError(f"checkpoint key '{key}' is not a tensor ({value!r:.40})")
+        full = full_key(layout, key[len("module."):] if key.startswith("module.") else key)
+        sd[full] = value.float() if value.is_floating_point() and not ignorable(layout, full) else value
+    return sd, obj
+
+
+def load_original(method: str, path, clip, classnames, config=None):
+    """A fastprompt model computing what the original code computes with these tensors.
+
+    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp or mma (fastprompt names;
+    a MaPLe+LAMM checkpoint of the released code is imported with `released_code=True`).
+    path: a checkpoint file or an original output directory (newest epoch is taken).
+    config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
+    """
+    from ..api import create
+    from .keys import COMPATIBLE, detect, file_key, options_for, read_config
+
+    layout = _layout(method)
+    classnames = [str(c) for c in classnames]
+    file = find_checkpoint(method, path)
+    sd, _ = read_state_dict(method, file)
+    seen = detect([file_key(layout, k) for k in sd] if layout.owner else sd)
+    if seen is None or method not in COMPATIBLE.get(seen[0], ()):
+        what = f"looks like a {seen[0]} checkpoint (key '{seen[1]}')" if seen else "has no known key"
+        raise OriginalCheckpointError(f"{file} {what}, not {layout.family}")
+    cfg, unknown = read_config(method, config, clip.name)
+    if unknown:
+        _warn(f"original config names ignored: {', '.join(unknown)}")
+    options, notes = options_for(method, sd, cfg, len(classnames))
+    for note in notes:
+        _warn(note)
+    try:
+        model = create(method, clip, classnames, **options)
+    except ValueError as e:
+        raise OriginalCheckpointError(f"{file}: {str(e).splitlines()[0]}") from None
+    _fill(model, sd, layout)
+    _check_buffers(model, sd, layout, clip)
+    return model
+
+
+def _fill(model, sd: dict, layout) -> None:
+    from .keys import file_key, ignorable, original_names
+
+    names = original_names(model)
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k in sd if k not in names and not ignorable(layout, k))
+    if unknown:
+        raise OriginalCheckpointError(f"checkpoint key '{file_key(layout, unknown[0])}' is unknown to "
+                                      f"{layout.family} as imported ({_describe(model)})")
+    frozen = {"ctx"} if model.name == "lamm" else set()
+    with torch.no_grad():
+        for full, name in names.items():
+            key = file_key(layout, full)
+            if full not in sd:
+                raise OriginalCheckpointError(f"checkpoint lacks key '{key}' that {layout.family} "
+                                              f"with {_describe(model)} has")
+            hint = " (m = the shortest class name in tokens: other class names?)" \
+                if name == "label_emb" else f" ({_describe(model)}, from the other keys)"
+            if tuple(sd[full].shape) != tuple(params[name].shape):
+                raise OriginalCheckpointError(f"checkpoint key '{key}' has shape {tuple(sd[full].shape)}, "
+                                              f"expected {tuple(params[name].shape)}{hint}")
+            if name in frozen:  # LAMM keeps "a photo of a" frozen: the file must hold exactly it
+                if not torch.allclose(sd[full].to(params[name]), params[name], atol=2e-3, rtol=1e-2):
+                    raise OriginalCheckpointError(
+                        f"checkpoint key '{key}' differs from the embeddings of '{model.config.ctx_init}': "
+                        f"the context was trained or CTX_INIT differs: import it as coop+lamm or pass CTX_INIT")
+                continue
+            params[name].copy_(sd[full].to(params[name]))
+
+
+def _describe(model) -> str:
+    c = model.config
+    fields = ("n_ctx", "depth", "csc", "start", "end", "width", "meta_ratio")
+    parts = [f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f)]
+    return ", ".join(parts + [f"{len(model.classnames)} classes"])
+
+
+def _check_buffers(model, sd: dict, layout, clip) -> None:
+    """Class names against MMA's saved prompt tokens; the CLIP of a whole-model file against ours."""
+    from ..clip import text_parts
+
+    tokens = sd.get("adapter_learner.tokenized_prompts")
+    if tokens is not None:
+        ours = model.template.tokens.cpu()
+        n = min(ours.shape[1], tokens.shape[1])
+        bad = [i for i in range(len(ours)) if not torch.equal(ours[i, :n].long(), tokens[i, :n].cpu().long())]
+        if bad:
+            raise OriginalCheckpointError(
+                f"checkpoint buffer 'tokenized_prompts' does not hold the prompt "
+                f"'{model.config.prompt} {model.classnames[bad[0]]}.' of class {bad[0]}: other class "
+                f"names or order, or pass TEXT_CTX_INIT")
+    if not layout.ignored_prefixes:
+        return
+    ours = {"image_encoder.class_embedding": clip.model.visual.class_embedding,
+            "text_encoder.positional_embedding": text_parts(clip.model)["positional_embedding"]}
+    for key, mine in ours.items():
+        theirs = sd.get(key)
+        if theirs is not None and (theirs.shape != mine.shape or not torch.allclose(
+                theirs.to(mine), mine, atol=1e-2, rtol=1e-2)):
+            _warn(f"the CLIP weights in the checkpoint ('{key}') differ from backbone "
+                  f"{clip.name} ({clip.pretrained}): outputs will differ from the original run")
+            return
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, OriginalCheckpointWarning, stacklevel=3)
+
+
+def original_state_dict(model) -> dict:
+    """{full original name: the model's own parameter} (live tensors: writing one changes the model)."""
+    from .keys import original_names
+
+    _layout(model.name)
+    params = dict(model.named_parameters())
+    return OrderedDict((full, params[name]) for full, name in original_names(model).items())
+
+
+def save_original(model, output_dir, epoch: int = 1) -> Path:
+    """Write `model` as the original trainer would: `<output_dir>/<registered>/model.pth.tar-<epoch>`
+    holding {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} with the original keys
+    (the original `load_model` reads it with strict=False, as it does its own files)."""
+    from .keys import file_key
+
+    layout = _layout(model.name)
+    state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
+                        for k, v in original_state_dict(model).items())
+    folder = Path(output_dir) / layout.registered
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"model.pth.tar-{epoch}"
+    torch.save({"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None,
+                "val_result": None}, path)
+    return path
