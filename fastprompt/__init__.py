@@ -7,8 +7,22 @@
 from .api import create, list_methods
 from .checkpoint import load, save
 from .clip import load_clip
-def load_original(*args, **kwargs): from .original import load_original as f; return f(*args, **kwargs)  # noqa: E302,E704 (lazy)
-def original_state_dict(model): from .original import original_state_dict as f; return f(model)  # noqa: E704 (lazy)
 
-__all__ = ["create", "list_methods", "load", "load_clip", "save"]
+
+def load_original(*args, **kwargs):
+    """A model from a checkpoint of the original implementations (see fastprompt.original)."""
+    from .original import load_original as load_original_impl
+
+    return load_original_impl(*args, **kwargs)
+
+
+def original_state_dict(model):
+    """{original key: live parameter} of a model (see fastprompt.original)."""
+    from .original import original_state_dict as original_state_dict_impl
+
+    return original_state_dict_impl(model)
+
+
+__all__ = ["create", "list_methods", "load", "load_clip", "load_original", "original_state_dict",
+           "save"]
 __version__ = "0.1.0"
