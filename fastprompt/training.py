@@ -89,13 +89,14 @@ class GraphedStep:
         return self.module(images, labels)
 
 
-def make_step(model, env: "TrainEnv", cuda_graphs: bool = True, log=print):
-    """Callable (images, labels) -> (loss, logits) for one training step: eager, DDP, or graphed."""
+def make_step(model, env: "TrainEnv", log=print):
+    """Callable (images, labels) -> (loss, logits) for one training step: eager, DDP, or (CUDA,
+    one process, `env.cuda_graphs`) replayed as a CUDA graph."""
     step = LossModule(model)
     if env.world_size > 1:
         ids = [env.device.index] if env.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(step, device_ids=ids)
-    if cuda_graphs and env.device.type == "cuda":
+    if env.cuda_graphs and env.device.type == "cuda":
         return GraphedStep(step, env, log)
     return step
 
@@ -156,7 +157,7 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
     start = load_checkpoint(model, optimizer, run_dir) if resume else 0
     if resume:
         log(f"resuming {run_dir} after epoch {start}/{recipe.epochs}")
-    step_fn = make_step(model, env, env.cuda_graphs, log)
+    step_fn = make_step(model, env, log)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
                                                  model.clip.std), on_error=env.on_error)

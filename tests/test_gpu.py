@@ -1,4 +1,6 @@
 """The compiled Triton path inside the runner, on a real GPU (skipped without CUDA)."""
+import functools
+
 import pytest
 import torch
 
@@ -8,6 +10,11 @@ from fastprompt import kernels
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 KERNEL_METHODS = ["maple", "ivlp", "mma", "maple+lamm"]
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_clip(name: str):
+    return fp.load_clip(name, seed=0, device="cuda")
 
 
 def _loss_and_grads(model, x, y, dtype):
@@ -22,7 +29,7 @@ def _loss_and_grads(model, x, y, dtype):
 @pytest.mark.parametrize("backbone", ["tiny", "ViT-B-16"])
 @pytest.mark.parametrize("method", KERNEL_METHODS)
 def test_triton_path_equals_plain_path_on_gpu(method, backbone, dtype):
-    clip = fp.load_clip(backbone, seed=0, device="cuda")
+    clip = cuda_clip(backbone)
     size = clip.image_size
     x = torch.randn(4, 3, size, size, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     y = torch.tensor([0, 1, 2, 3], device="cuda")
@@ -43,7 +50,7 @@ def test_triton_path_equals_plain_path_on_gpu(method, backbone, dtype):
 
 
 def test_classifier_on_gpu_equals_forward():
-    clip = fp.load_clip("ViT-B-16", seed=0, device="cuda")
+    clip = cuda_clip("ViT-B-16")
     model = fp.create("maple", clip, ["dog", "cat", "car"]).eval()
     x = torch.randn(3, 3, 224, 224, device="cuda")
     with torch.no_grad():
@@ -55,7 +62,7 @@ def test_classifier_on_gpu_equals_forward():
 def test_cuda_graph_step_equals_eager_step(method, precision):
     from fastprompt.training import LossModule, TrainEnv, make_step
 
-    clip = fp.load_clip("tiny", seed=0, device="cuda")
+    clip = cuda_clip("tiny")
     torch.manual_seed(0)
     model = fp.create(method, clip, ["dog", "cat", "sports car", "golden retriever", "red apple"]).train()
     env = TrainEnv(device=torch.device("cuda"), precision=precision)
