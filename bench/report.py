@@ -23,11 +23,19 @@ def peak_for(device: str) -> float | None:
     return None
 
 
+def group_key(b: dict) -> str:
+    """The benchmark's group plus every parameter but the variant (e.g. the shape case), so that
+    each variant is compared with the baseline of the same workload."""
+    params = {k: v for k, v in (b.get("params") or {}).items() if k not in ("variant", "method")}
+    suffix = "".join(f" {v}" for v in params.values())
+    return (b.get("group") or b["name"]) + suffix
+
+
 def rows_of(data: dict) -> dict[str, list[dict]]:
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        groups[b.get("group") or b["name"]].append({
+        groups[group_key(b)].append({
             "variant": info.get("variant", b["name"]), "median": b["stats"]["median"],
             "images": info.get("images"), "gbps": info.get("gbps"), "flops": info.get("flops"),
             "device": info.get("device", "")})

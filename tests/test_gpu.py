@@ -41,12 +41,18 @@ def test_triton_path_equals_plain_path_on_gpu(method, backbone, dtype):
     kernels.reset_launch_counts()
     lf, gf = _loss_and_grads(fast, x, y, dtype)
     assert sum(kernels.launch_counts.values()) > 0  # the Triton kernels really ran
-    lp, gp = _loss_and_grads(plain, x, y, dtype)
-    tol = 2e-4 if dtype == torch.float32 else 3e-2
-    assert torch.allclose(lf, lp, rtol=tol, atol=tol)
+    lp, gp = _loss_and_grads(plain, x, y, torch.float32)  # the fp32 plain path is the truth
+    if dtype == torch.float32:
+        assert torch.allclose(lf, lp, rtol=2e-4, atol=2e-4)
+        for k in gf:
+            assert (gf[k] - gp[k]).abs().max() / gp[k].abs().max().clamp_min(1e-8) < 1e-3, k
+        return
+    # low precision: the fast path may be no further from fp32 than the plain path in that dtype
+    lb, gb = _loss_and_grads(plain, x, y, dtype)
+    assert (lf - lp).abs() <= 2 * (lb - lp).abs() + 1e-2 * lp.abs()
     for k in gf:
-        scale = gp[k].abs().max().clamp_min(1e-8)
-        assert (gf[k] - gp[k]).abs().max() / scale < (1e-3 if dtype == torch.float32 else 0.1), k
+        err_fast, err_plain = (gf[k] - gp[k]).abs().max(), (gb[k] - gp[k]).abs().max()
+        assert err_fast <= 2 * err_plain + 1e-2 * gp[k].abs().max(), k
 
 
 def test_classifier_on_gpu_equals_forward():
