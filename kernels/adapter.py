@@ -270,15 +270,10 @@ def configure(**overrides) -> None:
     _plan.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if index >= 0 else 2
-
-
 @functools.lru_cache(maxsize=1024)
 def _plan(T: int, D: int, R: int, dtype: torch.dtype, dev: int, tf32: bool) -> SimpleNamespace:
     """Per-call-shape launch plan (cached): blocks, dtype flags, grids, the backward's token splits."""
-    sms = _sm_count(dev)
+    sms = dispatch.sm_count(dev)
     flags = dict(SPLIT=dtype != torch.float32, EMU=dev < 0,
                  PREC="tf32" if tf32 else "ieee")
     o = _OVERRIDES

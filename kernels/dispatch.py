@@ -37,6 +37,12 @@ launch_counts: Counter = Counter()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastprompt_kernels", default=None)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (2 for the CPU interpreter, index < 0)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count if index >= 0 else 2
+
+
 def reset_launch_counts() -> None:
     launch_counts.clear()
 

@@ -181,11 +181,6 @@ def configure(**overrides) -> None:
     _plan.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if index >= 0 else 2
-
-
 @functools.lru_cache(maxsize=1024)
 def _plan(n_rows: int, D: int, dev: int) -> tuple[dict, dict, int]:
     """(forward meta, backward meta, programs when dweight / dbias are reduced) for one shape."""
@@ -196,7 +191,7 @@ def _plan(n_rows: int, D: int, dev: int) -> tuple[dict, dict, int]:
         warps = o.get("num_warps", min(8, max(1, block_d * block_m // 1024)))
         fwd = dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         bwd = dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=o.get("bwd_warps", min(8, 2 * warps)))
-        reduce_progs = min(triton.cdiv(n_rows, block_m), o.get("reduce_per_sm", 2) * _sm_count(dev))
+        reduce_progs = min(triton.cdiv(n_rows, block_m), o.get("reduce_per_sm", 2) * dispatch.sm_count(dev))
     else:  # interpreter: few, larger programs; still several blocks per program in the tests
         block_m = o.get("BLOCK_M", 4)
         fwd = bwd = dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
