@@ -151,3 +151,15 @@ def test_maple_lamm_released_layout_puts_label_over_of():
     learned = released.text_embeddings(released.template)
     assert torch.equal(learned[:, 3], released.label_emb[:, 0])
     assert torch.equal(learned[:, 5], released.template.embeddings[:, 5])  # class token stays
+
+
+def test_classifier_over_many_classes_is_chunked_exactly():
+    """More classes than one text chunk (256): chunked text features equal the training path."""
+    names = [f"thing {i}" for i in range(300)]
+    for method, kw in (("coop", {"csc": True}), ("lamm", {}), ("mma", {})):
+        model = perturb(fp.create(method, tiny_clip(), names, **kw)).eval()
+        x = images(2)
+        with torch.no_grad():
+            assert torch.allclose(model.classifier()(x), model(x), atol=1e-5, rtol=1e-5), method
+    with pytest.raises(ValueError, match="csc=True"):
+        fp.create("coop", tiny_clip(), names, csc=True).classifier(["zebra"])

@@ -46,9 +46,16 @@ class ContextPrompt(Method):
             self.ctx = normal_((*rows, config.n_ctx, self.backbone.text_width))
 
     def context_for(self, template) -> torch.Tensor:
-        if self.ctx.dim() == 3 and template is not self.template:
-            raise ValueError("class-specific context (csc=True) exists only for the training classes")
-        return self.ctx
+        """The context rows for a template: shared, or (csc) those of each of its classes."""
+        if self.ctx.dim() == 2 or template is self.template:
+            return self.ctx
+        index = {c: i for i, c in enumerate(self.classnames)}
+        unknown = [c for c in template.classnames if c not in index]
+        if unknown:
+            raise ValueError(f"class-specific context (csc=True) exists only for the training "
+                             f"classes, not for '{unknown[0]}'")
+        rows = torch.tensor([index[c] for c in template.classnames], device=self.ctx.device)
+        return self.ctx[rows]
 
     def text_embeddings(self, template):
         return insert_rows(template.embeddings, self.context_for(template), 1)
