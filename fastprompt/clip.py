@@ -69,7 +69,9 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int =
 
     name: an open_clip model name (`ViT-B-16`), `tiny` (built in), or `hf-hub:org/repo`.
     pretrained: None (random init from `seed`), an open_clip tag (`openai`, `laion2b_s34b_b88k`),
-    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format).
+    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format). For `tiny`,
+    a bare tag names a file shipped in fastprompt/weights/: `shapes` (see `python -m
+    fastprompt.pretrain`).
     """
     import open_clip
 
@@ -117,10 +119,25 @@ def _create_open_clip(open_clip, name: str, pretrained: str | None):
     return model, open_clip.get_tokenizer(name)
 
 
+def packaged_weights(tag: str) -> str | None:
+    """The file shipped in fastprompt/weights/ for a bare tag ('shapes' or 'tiny-shapes'), if any."""
+    if os.sep in tag or tag.endswith((".safetensors", ".pt", ".bin")):
+        return None
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+    for stem in (f"tiny-{tag}", tag):
+        path = os.path.join(folder, f"{stem}.safetensors")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _load_local_weights(model: nn.Module, path: str, name: str) -> None:
     if not os.path.exists(path):
-        raise BackboneError(f"checkpoint file not found: {path} (the tiny backbone needs a local "
-                            f"safetensors file, or pretrained=None for random init)")
+        path = packaged_weights(path) or path
+    if not os.path.exists(path):
+        raise BackboneError(f"checkpoint file not found: {path} (the tiny backbone needs a shipped "
+                            f"tag such as 'shapes', a local safetensors file, or pretrained=None "
+                            f"for random init)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)

@@ -1,7 +1,8 @@
 """`python -m fastprompt.train`: tune a method with the published protocol, evaluate, save a run.
 
 With no arguments: MaPLe, base-to-novel, on the built-in generated dataset with the built-in
-tiny backbone: offline, a few minutes on two CPU cores, printing base / novel / HM.
+tiny backbone and its shipped pretrained weights (`--pretrained shapes`; `none` for random
+init): offline, a few minutes on two CPU cores, printing base / novel / HM.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .data import DataError
 from .recipes import Recipe
 
 EXPECTED_ERRORS = (DataError, ValueError, FileNotFoundError)
+#: weights of `--model tiny` when --pretrained is not given (fastprompt/weights/tiny-shapes.*)
+TINY_DEFAULT_WEIGHTS = "shapes"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="maple", help="one of fastprompt.list_methods()")
     p.add_argument("--model", default="tiny", help="backbone: tiny or an open_clip ViT name")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file (none: random init)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag, checkpoint file, or 'none' (random init); default: 'shapes' "
+                        "for --model tiny (the shipped pretrained tiny CLIP), none otherwise")
     p.add_argument("--backbone-seed", type=int, default=0, help="seed of a random-init backbone")
     p.add_argument("--dataset", default=None, help="dataset name, folder, or builtin (default builtin)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset(s)")
@@ -58,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.recipe = {}
     if args.config:
         _apply_config(p, args, argv)
+    if args.pretrained is None and args.model == "tiny":
+        args.pretrained = TINY_DEFAULT_WEIGHTS
+    if isinstance(args.pretrained, str) and args.pretrained.lower() in ("none", "random"):
+        args.pretrained = None
     return args
 
 

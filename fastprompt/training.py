@@ -153,6 +153,11 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
           extra: dict | None = None, log=print) -> dict:
     """Tune `model` on `data` (list of Datum) following `recipe`; returns throughput stats."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.epochs == 0:  # zero-shot, or an evaluation of the initial prompts: nothing to tune
+        if env.main:
+            save(model, run_dir, extra=extra or {})
+        model.eval()
+        return {"train_images_per_s": 0.0, "train_wall_s": 0.0, "epochs": 0}
     optimizer = make_optimizer(model, recipe)
     start = load_checkpoint(model, optimizer, run_dir) if resume else 0
     if resume:

@@ -125,3 +125,11 @@ def test_two_process_ddp_on_cpu(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "metrics.json").is_file() and "hm" in proc.stdout
+
+
+def test_zeroshot_runs_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "zs"
+    code, stdout, _ = run_cli(["--method", "zeroshot", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and "hm" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 0 and (out / "adapter.safetensors").is_file()

@@ -114,3 +114,13 @@ def _load_shapes(root=None, seed: int = 0, **options) -> DatasetSplits:
 
 
 BUILTINS = {"builtin": _load_shapes}
+
+
+def _register_generated() -> None:
+    """The datasets drawn like the pretraining corpus of the shipped tiny CLIP (generated.py)."""
+    from .generated import GENERATED, loader
+
+    BUILTINS.update({name: loader(name) for name in GENERATED})
+
+
+_register_generated()
