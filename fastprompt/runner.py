@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from .api import create, method_class
 from .checkpoint import load, read_config

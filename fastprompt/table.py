@@ -67,7 +67,7 @@ def collect(methods, datasets, seeds, pretrained="shapes", log=print) -> dict:
 
 
 def markdown(results: dict, seeds) -> str:
-    lines = [f"| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
+    lines = ["| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
     for (dataset, method), rows in results.items():
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_acc", "novel_acc", "hm")}
         lines.append(f"| {dataset} | {method} | {mean['base_acc']:.1f} | {mean['novel_acc']:.1f} "

@@ -28,7 +28,7 @@ from collections import defaultdict
 from typing import Callable, NamedTuple
 
 from .builtin import BUILTINS
-from .folder import class_dirs, image_files, load_folder
+from .folder import class_dirs, load_folder, read_class_tree
 from .protocol import DataError, DatasetSplits, Datum
 
 COOP_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -258,13 +258,8 @@ def _load_imagenet_family(name: str, spec: Spec, root) -> DatasetSplits:
                         f"from CoOp's DATASETS.md ({COOP_DOC})")
     data = []
     for tree in trees:
-        items = []
-        for folder in class_dirs(tree):
-            if folder not in label_of:
-                raise DataError(f"class folder {os.path.join(tree, folder)} is not a class of "
-                                f"{trees[0]} — remove it or restore the missing train folder")
-            y = label_of[folder]
-            items.extend(Datum(p, y, classnames[y]) for p in image_files(os.path.join(tree, folder)))
+        items = read_class_tree(tree, label_of, classnames, f"is not a class of {trees[0]} — "
+                                f"remove it or restore the missing train folder")
         if not items:
             raise DataError(f"no images found in {tree} — {_fix(spec)}")
         data.append(items)

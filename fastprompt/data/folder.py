@@ -44,12 +44,15 @@ def classname_of(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
-def _read_tree(tree: str, label_of: dict[str, int], classnames: list[str]) -> list[Datum]:
+def read_class_tree(tree: str, label_of: dict[str, int], classnames: list[str],
+                    unknown: str = "has no counterpart in the train/ tree — add it to train/ or "
+                                   "remove it") -> list[Datum]:
+    """Every image of `tree`'s class folders, labelled by `label_of`; a folder not in it raises
+    DataError('class folder PATH ' + unknown)."""
     items = []
     for folder in class_dirs(tree):
         if folder not in label_of:
-            raise DataError(f"class folder {os.path.join(tree, folder)} has no counterpart in "
-                            f"the train/ tree — add {folder}/ to train/ or remove it")
+            raise DataError(f"class folder {os.path.join(tree, folder)} {unknown}")
         y = label_of[folder]
         items.extend(Datum(p, y, classnames[y]) for p in image_files(os.path.join(tree, folder)))
     return items
@@ -107,7 +110,7 @@ def _load_subtrees(root: str, name: str) -> DatasetSplits:
                         f"in its own sub-folder (train/<class name>/*.jpg)")
     label_of = {f: y for y, f in enumerate(folders)}
     classnames = [classname_of(f) for f in folders]
-    train = _read_tree(train_tree, label_of, classnames)
+    train = read_class_tree(train_tree, label_of, classnames)
     seen = {d.label for d in train}
     empty = [os.path.join(train_tree, f) for f, y in label_of.items() if y not in seen]
     if empty:
@@ -116,7 +119,7 @@ def _load_subtrees(root: str, name: str) -> DatasetSplits:
     splits = {}
     for split in ("val", "test"):
         tree = os.path.join(root, split)
-        splits[split] = _read_tree(tree, label_of, classnames) if os.path.isdir(tree) else None
+        splits[split] = read_class_tree(tree, label_of, classnames) if os.path.isdir(tree) else None
     if splits["test"] is None and splits["val"] is None:
         raise DataError(f"{root} has train/ but neither test/ nor val/ — add a test/ tree with the "
                         f"same class folders, or drop the train/ level to split automatically")
