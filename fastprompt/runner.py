@@ -8,11 +8,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 
 from .api import create, method_class
 from .checkpoint import load, read_config
 from .clip import load_clip
 from .data import DataError, few_shot, load_dataset, split_base_novel
+from .data.generated import DEFAULT_DATASET
 from .evaluate import accuracy, harmonic_mean
 from .recipes import recipe_for
 from .train import parse_options
@@ -54,7 +57,7 @@ def _eval_sets(args, dataset: str, root):
 def train_run(args):
     started = time.perf_counter()
     method_class(args.method)  # unknown method: fail before loading anything
-    dataset = args.dataset or "builtin"
+    dataset = args.dataset or DEFAULT_DATASET
     env = _env(args)
     recipe = recipe_for(args.method, dataset.lower(), epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, shots=args.shots, **getattr(args, "recipe", {}))
@@ -75,6 +78,7 @@ def train_run(args):
     fields = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
     if "shots" in fields:
         options.setdefault("shots", recipe.shots)
+    torch.manual_seed(args.seed)  # the learnable parameters' init follows --seed (Dassl's rule)
     model = create(args.method, clip, train_split.classnames, **options)
     if args.plain:
         model.set_fast(False)
@@ -124,7 +128,7 @@ def evaluate_run(args):
     info = read_config(run).get("run", {})
     env = _env(args)
     model = load(run, device=env.device).eval()
-    dataset = args.dataset or info.get("dataset", "builtin")
+    dataset = args.dataset or info.get("dataset", DEFAULT_DATASET)
     root = args.data_root or info.get("data_root")
     if dataset == info.get("dataset") and info.get("subsample", "base") == "base":
         base, novel = split_base_novel(load_dataset(dataset, root))

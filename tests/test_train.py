@@ -133,3 +133,15 @@ def test_zeroshot_runs_through_the_cli(tmp_path, capsys):
     assert code == 0 and "hm" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 0 and (out / "adapter.safetensors").is_file()
+
+
+def test_seed_alone_decides_the_initial_prompts(tmp_path, capsys):
+    """--seed fixes the learnable parameters' init, whatever the process drew before."""
+    common = ["--method", "maple", "--epochs", "0", "--shots", "1", "--no-progress"]
+    assert run_cli([*common, "--out", str(tmp_path / "a")], capsys)[0] == 0
+    torch.rand(1000)  # any earlier use of the global RNG
+    assert run_cli([*common, "--out", str(tmp_path / "b")], capsys)[0] == 0
+    assert run_cli([*common, "--seed", "2", "--out", str(tmp_path / "c")], capsys)[0] == 0
+    a, b, c = (load_file(str(tmp_path / r / "adapter.safetensors")) for r in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
