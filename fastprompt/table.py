@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("zeroshot", "coop", "cocoop", "maple", "ivlp", "mma")
+METHODS = ("zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm")
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 
 
@@ -32,7 +32,7 @@ def run_one(method: str, dataset: str, seed: int, pretrained: str = "shapes", ou
         return train_run(parse_args(argv + list(extra or [])))
 
 
-def zero_shot(dataset: str, pretrained: str = "shapes", split: str = "test") -> dict:
+def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "test") -> dict:
     """Zero-shot CLIP ("a photo of a {}.") on the base and the novel classes of `dataset`."""
     import torch
 
@@ -58,12 +58,20 @@ def collect(methods, datasets, seeds, pretrained="shapes", log=print) -> dict:
             for seed in seeds:
                 t0 = time.perf_counter()
                 m = run_one(method, dataset, seed, pretrained)
-                rows.append({k: m[k] for k in ("base_acc", "novel_acc", "hm")})
+                rows.append({"seed": seed, **{k: m[k] for k in ("base_acc", "novel_acc", "hm")}})
                 if log:
                     log(f"{dataset} {method} seed {seed}: base {m['base_acc']:.1f} novel "
                         f"{m['novel_acc']:.1f} hm {m['hm']:.1f} ({time.perf_counter() - t0:.0f} s)")
             results[(dataset, method)] = rows
     return results
+
+
+def chance(dataset: str) -> tuple[float, float]:
+    """Chance accuracy (percent) on the base and on the novel half of `dataset`."""
+    from .data import load_dataset, split_base_novel
+
+    base, novel = split_base_novel(load_dataset(dataset))
+    return 100 / len(base.classnames), 100 / len(novel.classnames)
 
 
 def markdown(results: dict, seeds) -> str:
@@ -72,7 +80,10 @@ def markdown(results: dict, seeds) -> str:
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_acc", "novel_acc", "hm")}
         lines.append(f"| {dataset} | {method} | {mean['base_acc']:.1f} | {mean['novel_acc']:.1f} "
                      f"| {mean['hm']:.1f} |")
-    return "\n".join(lines) + f"\n\nMean over seeds {', '.join(map(str, seeds))}; chance is 16.7 %."
+    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d))}"
+                     for d in dict.fromkeys(d for d, _ in results))
+    return "\n".join(lines) + (f"\n\nMean over seeds {', '.join(map(str, seeds))}. "
+                               f"Chance (base/novel, %): {odds}.")
 
 
 def write_readme(path: Path, table: str) -> None:
@@ -94,10 +105,17 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default="shapes")
     p.add_argument("--readme", default=None, help="rewrite the table in this file")
     p.add_argument("--json", default=None, help="also write the per-seed results here")
+    p.add_argument("--from-json", default=None,
+                   help="rebuild the table from a file written by --json instead of training")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
-    results = collect(a.methods.split(","), a.datasets.split(","), seeds, a.pretrained,
-                      log=lambda m: print(m, flush=True))
+    if a.from_json:
+        saved = json.loads(Path(a.from_json).read_text())
+        results = {tuple(key.split("/", 1)): rows for key, rows in saved.items()}
+        seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
+    else:
+        results = collect(a.methods.split(","), a.datasets.split(","), seeds, a.pretrained,
+                          log=lambda m: print(m, flush=True))
     table = markdown(results, seeds)
     print(table)
     if a.json:

@@ -1,6 +1,6 @@
 """`python -m fastprompt.train`: tune a method with the published protocol, evaluate, save a run.
 
-With no arguments: MaPLe, base-to-novel, on the built-in generated dataset with the built-in
+With no arguments: MaPLe, base-to-novel, on the generated dataset `shapes_colour` with the built-in
 tiny backbone and its shipped pretrained weights (`--pretrained shapes`; `none` for random
 init): offline, a few minutes on two CPU cores, printing base / novel / HM.
 """
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="open_clip tag, checkpoint file, or 'none' (random init); default: 'shapes' "
                         "for --model tiny (the shipped pretrained tiny CLIP), none otherwise")
     p.add_argument("--backbone-seed", type=int, default=0, help="seed of a random-init backbone")
-    p.add_argument("--dataset", default=None, help="dataset name, folder, or builtin (default builtin)")
+    p.add_argument("--dataset", default=None, help="dataset name or folder (default shapes_colour, generated)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset(s)")
     p.add_argument("--shots", type=int, default=None, help="images per class (default 16)")
     p.add_argument("--seed", type=int, default=1)

@@ -27,7 +27,7 @@ def test_corpus_never_shows_held_out_pairs():
     for i in range(500):
         scene = corpus.sample_scene(np.random.default_rng([0, i]))
         assert (scene["colour"], scene["shape"]) not in corpus.HELD_OUT
-    assert len(held_out_classes()) == 4
+    assert held_out_classes() == ["red triangle", "pink circle"]  # in shapes_colour
 
 
 def test_two_short_runs_give_identical_weights(tmp_path):
@@ -54,13 +54,26 @@ def test_pretrain_cli_writes_loadable_weights_and_record(tmp_path, capsys):
 
 
 def test_generated_datasets():
+    sizes = {"shapes_colour": 24, "shapes_texture": 12, "shapes_count": 24}
+    assert set(GENERATED) == set(sizes)
     for name in GENERATED:
+        n = sizes[name]
         d = load_dataset(name, n_train=2, n_val=1, n_test=1)
-        assert len(d.classnames) == 12 == len(set(d.classnames))
-        assert len(d.train) == 24 and d.train[0].image.size == (32, 32)
+        assert len(d.classnames) == n == len(set(d.classnames))
+        assert len(d.train) == 2 * n and d.train[0].image.size == (32, 32)
         base, novel = split_base_novel(d)
-        assert base.classnames == d.classnames[:6] and novel.classnames == d.classnames[6:]
+        assert base.classnames == d.classnames[:n // 2] and novel.classnames == d.classnames[n // 2:]
         again = load_dataset(name.replace("_", "-").upper(), n_train=2, n_val=1, n_test=1)
         assert np.array_equal(np.asarray(d.test[5].image), np.asarray(again.test[5].image))
     assert load_dataset("shapes_count").classnames[:3] == ["one blue circle", "two blue circles",
                                                           "three blue circles"]
+    assert load_dataset("shapes_texture").classnames[:2] == ["striped red circle", "plain red circle"]
+
+
+def test_generated_domains_move_the_pixels_off_the_corpus():
+    """Dim light darkens the scenes, fog squeezes their contrast (generated.py's docstring)."""
+    corpus_px = np.stack([np.asarray(corpus.sample(0, i)[0], dtype=float) for i in range(24)])
+    dim = np.stack([np.asarray(x.image, dtype=float) for x in load_dataset("shapes_colour").train[::32]])
+    fog = np.stack([np.asarray(x.image, dtype=float) for x in load_dataset("shapes_texture").train[::16]])
+    assert dim.mean() < 0.8 * corpus_px.mean()
+    assert fog.std(axis=(1, 2)).mean() < 0.6 * corpus_px.std(axis=(1, 2)).mean()

@@ -1,7 +1,9 @@
 """Accuracy regression tests of the shipped pretrained tiny CLIP (`pretrained="shapes"`).
 
-Fixed seeds; thresholds sit well below the measured numbers (README, "Pretrained tiny CLIP")
-and well above chance (1/6 = 16.7 % on each half of a 12-class dataset).
+Fixed seeds, the CLI's own code path and the default recipes. The margins sit well inside the
+measured numbers (README, "Pretrained tiny CLIP"; on 2 CPU cores, torch 2.14.1), so they guard the
+facts — zero-shot well above chance, MaPLe and MMA beat zero-shot on base classes and keep novel
+accuracy close to it — rather than the exact digits.
 """
 import hashlib
 import json
@@ -12,12 +14,11 @@ import torch
 
 import fastprompt as fp
 from fastprompt.clip import packaged_weights
+from fastprompt.data import load_dataset, split_base_novel
+from fastprompt.data.generated import DEFAULT_DATASET, GENERATED
 
 WEIGHTS = packaged_weights("shapes")
 pytestmark = pytest.mark.skipif(WEIGHTS is None, reason="fastprompt/weights/tiny-shapes.safetensors not shipped")
-CHANCE = 100 / 6
-#: measured zero-shot (test split): colour 97.9 / 99.0, texture 100 / 100 (base / novel)
-ZS_MARGIN = {"shapes_colour": (50, 50), "shapes_texture": (50, 50)}
 
 
 def test_shipped_weights_match_their_record():
@@ -30,24 +31,54 @@ def test_shipped_weights_match_their_record():
     assert not torch.equal(clip.model.visual.proj, random.model.visual.proj)
 
 
+def _chance(name: str) -> tuple[float, float]:
+    base, novel = split_base_novel(load_dataset(name))
+    return 100 / len(base.classnames), 100 / len(novel.classnames)
+
+
 @pytest.fixture(scope="module")
 def zero_shot():
     from fastprompt.table import zero_shot
-    return {name: zero_shot(name) for name in ("shapes_colour", "shapes_texture")}
+    return {name: zero_shot(name) for name in GENERATED}
 
 
-def test_zero_shot_is_well_above_chance(zero_shot):
+def test_zero_shot_is_well_above_chance_but_not_saturated(zero_shot):
+    """Measured (test split, base / novel): colour 50.0 / 40.6 (chance 8.3), texture 63.5 / 54.2
+    (16.7), count 56.8 / 36.5 (8.3): a domain where adaptation has room to help."""
     for name, m in zero_shot.items():
-        assert m["base_acc"] > CHANCE + ZS_MARGIN[name][0], (name, m)
-        assert m["novel_acc"] > CHANCE + ZS_MARGIN[name][1], (name, m)
+        for key, chance in zip(("base_acc", "novel_acc"), _chance(name)):
+            assert 3 * chance < m[key] < 90, (name, key, m)
 
 
-def test_short_maple_run_stays_near_zero_shot(zero_shot):
-    """Zero-shot is near the ceiling on these datasets (measured 98 / 99 % on shapes_colour), so
-    a tuned method cannot clearly beat it on base: guard that tuning keeps base and novel accuracy
-    close to it (measured, seed 1, 8 shots, 3 epochs: base 91.7, novel 94.8)."""
+def test_random_init_zero_shot_is_near_chance():
+    from fastprompt.table import zero_shot
+    m = zero_shot(DEFAULT_DATASET, pretrained=None)
+    base_chance, novel_chance = _chance(DEFAULT_DATASET)
+    assert m["base_acc"] < 2.5 * base_chance and m["novel_acc"] < 2.5 * novel_chance, m
+
+
+@pytest.mark.parametrize("method", ["maple", "mma"])
+def test_tuning_beats_zero_shot_on_base_and_keeps_novel(method, zero_shot):
+    """The default run (`python -m fastprompt.train` = MaPLe, seed 1, shapes_colour) and MMA with
+    its paper recipe. Measured: MaPLe 64.6 / 55.2 (HM 59.5), MMA 71.4 / 60.4 (HM 65.4) against
+    zero-shot 50.0 / 40.6 (HM 44.8)."""
     from fastprompt.table import run_one
-    m = run_one("maple", "shapes_colour", seed=1, extra=["--shots", "8", "--epochs", "3"])
-    zs = zero_shot["shapes_colour"]
-    assert m["base_acc"] > zs["base_acc"] - 20, (m, zs)
-    assert m["novel_acc"] > zs["novel_acc"] - 15, (m, zs)
+    m = run_one(method, DEFAULT_DATASET, seed=1)
+    zs = zero_shot[DEFAULT_DATASET]
+    assert m["base_acc"] > zs["base_acc"] + 5, (m, zs)
+    assert m["novel_acc"] > zs["novel_acc"] - 5, (m, zs)
+    assert m["hm"] > zs["hm"] + 5, (m, zs)
+
+
+def test_table_rebuilds_from_saved_results(tmp_path):
+    from fastprompt.table import main
+    saved = {"shapes_texture/maple": [{"seed": 1, "base_acc": 80.0, "novel_acc": 50.0, "hm": 61.5},
+                                      {"seed": 2, "base_acc": 70.0, "novel_acc": 60.0, "hm": 64.6}]}
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:begin -->\nold\n<!-- table:end -->\nrest\n")
+    assert main(["--from-json", str(tmp_path / "r.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| shapes_texture | maple | 75.0 | 55.0 | 63.0 |" in text
+    assert "Mean over seeds 1, 2." in text and "shapes_texture 16.7/16.7" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text

@@ -1,13 +1,22 @@
 """Downstream datasets drawn by the pretraining corpus's renderer (`fastprompt.pretrain.corpus`).
 
-Each has 12 classes whose names compose attributes the pretrained `tiny` CLIP has read in its
-captions, ordered so that the protocol's base half (first 6) and novel half (last 6) each hold
-classes that differ in one attribute only:
+Like the real benchmarks, each is a *domain* the pretrained `tiny` CLIP was not trained on: the
+scenes are rendered as in pretraining and then seen through a fixed imaging condition, so
+zero-shot CLIP works but is far from perfect, and a few labelled images can adapt it. Class names
+compose attributes the model has read in its captions; base = the first half of the classes
+(CoOp's protocol), novel = the rest.
 
-- ``shapes_colour``: "red triangle", "blue triangle", ...: colour–shape pairs, four of them
-  (marked in ``HELD_OUT_CLASSES``) never seen in pretraining; objects of either texture and size.
-- ``shapes_texture``: "striped red circle" vs "plain red circle", six colour–shape pairs.
-- ``shapes_count``: "one blue circle", "two blue circles", "three blue circles", four objects.
+- ``shapes_colour`` (default of ``python -m fastprompt.train``): 24 colour–shape pairs ("orange
+  diamond", "green hexagon", ...), objects of either texture and size, in *dim light*; two pairs
+  (``held_out_classes()``) never occur in pretraining. Chance 8.3 % per half.
+- ``shapes_texture``: "striped red circle" vs "plain red circle" for six colour–shape pairs (12
+  classes), in *fog*. Chance 16.7 % per half.
+- ``shapes_count``: "one blue circle", "two blue circles", "three blue circles" for eight objects
+  (24 classes), in *fog*. Chance 8.3 % per half.
+
+Domains (applied to the rendered RGB values ``v``, then clipped to 0..255):
+*dim light* ``0.65 v + N(0, 12)`` (a darker, noisier sensor); *fog* ``0.45 v + 0.55 * 190 +
+N(0, 6)`` (contrast squeezed towards a light grey).
 
 32 train / 8 val / 16 test images per class at 32x32 by default, each from its own NumPy
 generator seeded with ``(seed, dataset, split, class, index)``: identical on every machine.
@@ -22,29 +31,40 @@ from .protocol import DatasetSplits, Datum
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
-_COLOUR_CLASSES = (("red", "triangle"), ("blue", "triangle"), ("green", "star"),
-                   ("yellow", "square"), ("yellow", "star"), ("orange", "diamond"),
-                   ("pink", "circle"), ("red", "circle"), ("white", "ring"),
-                   ("green", "diamond"), ("green", "hexagon"), ("blue", "square"))
+_COLOUR_CLASSES = (
+    ("orange", "diamond"), ("green", "hexagon"), ("brown", "diamond"), ("green", "square"),
+    ("red", "triangle"), ("blue", "arrow"), ("purple", "arrow"), ("purple", "heart"),
+    ("purple", "square"), ("purple", "diamond"), ("yellow", "star"), ("pink", "hexagon"),
+    ("pink", "square"), ("red", "diamond"), ("orange", "triangle"), ("brown", "heart"),
+    ("pink", "circle"), ("orange", "heart"), ("brown", "hexagon"), ("black", "cross"),
+    ("white", "ring"), ("black", "triangle"), ("black", "heart"), ("green", "heart"))
 _TEXTURE_PAIRS = (("red", "circle"), ("blue", "star"), ("yellow", "heart"), ("green", "square"),
                   ("purple", "triangle"), ("orange", "cross"))
-_COUNT_OBJECTS = (("blue", "circle"), ("red", "square"), ("yellow", "star"), ("green", "triangle"))
+_COUNT_OBJECTS = (("blue", "circle"), ("red", "square"), ("yellow", "star"), ("green", "triangle"),
+                  ("purple", "heart"), ("orange", "hexagon"), ("white", "cross"),
+                  ("pink", "diamond"))
 
 
-def _classes(name: str) -> list[dict]:
-    """Scene attributes of each class; random attributes are None."""
-    if name == "shapes_colour":
-        return [{"colour": c, "shape": s, "count": 1, "texture": None} for c, s in _COLOUR_CLASSES]
-    if name == "shapes_texture":
-        return [{"colour": c, "shape": s, "count": 1, "texture": t}
-                for c, s in _TEXTURE_PAIRS for t in ("striped", "plain")]
-    if name == "shapes_count":
-        return [{"colour": c, "shape": s, "count": n, "texture": None}
-                for c, s in _COUNT_OBJECTS for n in (1, 2, 3)]
-    raise KeyError(name)
+def _dim_light(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    return 0.65 * v + rng.normal(0.0, 12.0, v.shape)
 
 
-GENERATED = ("shapes_colour", "shapes_texture", "shapes_count")
+def _fog(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    return 0.45 * v + 0.55 * 190.0 + rng.normal(0.0, 6.0, v.shape)
+
+
+#: dataset -> (class attributes builder, domain)
+_DATASETS = {
+    "shapes_colour": (lambda: [{"colour": c, "shape": s, "count": 1, "texture": None}
+                               for c, s in _COLOUR_CLASSES], _dim_light),
+    "shapes_texture": (lambda: [{"colour": c, "shape": s, "count": 1, "texture": t}
+                                for c, s in _TEXTURE_PAIRS for t in ("striped", "plain")], _fog),
+    "shapes_count": (lambda: [{"colour": c, "shape": s, "count": n, "texture": None}
+                              for c, s in _COUNT_OBJECTS for n in (1, 2, 3)], _fog),
+}
+GENERATED = tuple(_DATASETS)
+#: the dataset of `python -m fastprompt.train` without --dataset
+DEFAULT_DATASET = "shapes_colour"
 
 
 def _classname(name: str, a: dict) -> str:
@@ -61,12 +81,25 @@ def held_out_classes() -> list[str]:
     return [f"{c} {s}" for c, s in _COLOUR_CLASSES if (c, s) in HELD_OUT]
 
 
+def _image(rng: np.random.Generator, a: dict, domain, image_size: int):
+    from PIL import Image
+
+    from ..pretrain.corpus import SIZES, TEXTURES, render
+
+    texture = a["texture"] or TEXTURES[int(rng.integers(2))]
+    size = list(SIZES)[int(rng.integers(2))]
+    scene = render(rng, a["colour"], a["shape"], a["count"], texture, size, image_size)
+    seen = domain(rng, np.asarray(scene, dtype=np.float64))
+    return Image.fromarray(np.clip(seen, 0, 255).astype(np.uint8), "RGB")
+
+
 @functools.lru_cache(maxsize=8)
 def make_generated(name: str, seed: int = 0, n_train: int = 32, n_val: int = 8, n_test: int = 16,
                    image_size: int = 32) -> DatasetSplits:
-    from ..pretrain.corpus import SIZES, TEXTURES, render
-
-    classes = _classes(name)
+    if name not in _DATASETS:
+        raise KeyError(f"unknown generated dataset {name!r}; known: {', '.join(GENERATED)}")
+    build, domain = _DATASETS[name]
+    classes = build()
     classnames = [_classname(name, a) for a in classes]
     ds_id = 104729 + GENERATED.index(name)
     splits: dict[str, list[Datum]] = {}
@@ -75,10 +108,7 @@ def make_generated(name: str, seed: int = 0, n_train: int = 32, n_val: int = 8, 
         for y, a in enumerate(classes):
             for i in range(count):
                 rng = np.random.default_rng([seed, ds_id, _SPLIT_IDS[split], y, i])
-                texture = a["texture"] or TEXTURES[int(rng.integers(2))]
-                size = list(SIZES)[int(rng.integers(2))]
-                image = render(rng, a["colour"], a["shape"], a["count"], texture, size, image_size)
-                items.append(Datum(None, y, classnames[y], image=image))
+                items.append(Datum(None, y, classnames[y], image=_image(rng, a, domain, image_size)))
         splits[split] = items
     return DatasetSplits(name, classnames, splits["train"], splits["val"], splits["test"])
 
