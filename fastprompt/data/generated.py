@@ -9,8 +9,8 @@ compose attributes the model has read in its captions; base = the first half of 
 - ``shapes_colour`` (default of ``python -m fastprompt.train``): 24 colour–shape pairs ("orange
   diamond", "green hexagon", ...), objects of either texture and size, in *dim light*; two pairs
   (``held_out_classes()``) never occur in pretraining. Chance 8.3 % per half.
-- ``shapes_texture``: "striped red circle" vs "plain red circle" for six colour–shape pairs (12
-  classes), in *fog*. Chance 16.7 % per half.
+- ``shapes_texture``: "striped red circle" vs "plain red circle" for twelve colour–shape pairs
+  (24 classes), in *fog*. Chance 8.3 % per half.
 - ``shapes_count``: "one blue circle", "two blue circles", "three blue circles" for eight objects
   (24 classes), in *fog*. Chance 8.3 % per half.
 
@@ -39,7 +39,8 @@ _COLOUR_CLASSES = (
     ("pink", "circle"), ("orange", "heart"), ("brown", "hexagon"), ("black", "cross"),
     ("white", "ring"), ("black", "triangle"), ("black", "heart"), ("green", "heart"))
 _TEXTURE_PAIRS = (("red", "circle"), ("blue", "star"), ("yellow", "heart"), ("green", "square"),
-                  ("purple", "triangle"), ("orange", "cross"))
+                  ("purple", "triangle"), ("orange", "cross"), ("pink", "diamond"), ("brown", "circle"),
+                  ("white", "star"), ("blue", "hexagon"), ("black", "square"), ("orange", "heart"))
 _COUNT_OBJECTS = (("blue", "circle"), ("red", "square"), ("yellow", "star"), ("green", "triangle"),
                   ("purple", "heart"), ("orange", "hexagon"), ("white", "cross"),
                   ("pink", "diamond"))
