@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from .common import _cvt
+from .common import _cvt, make_configure
 from .reference import as_scale, check_adapter_args
 
 
@@ -253,13 +253,6 @@ def _bwd_weights(g_ptr, h_ptr, act_ptr, scr_ptr, T, stride_g, stride_h, per_spli
 _OVERRIDES: dict = {}
 
 
-def configure(**overrides) -> None:
-    """Override the block-size heuristics (``configure()`` resets); clears the plan cache."""
-    _OVERRIDES.clear()
-    _OVERRIDES.update(overrides)
-    _plan.cache_clear()
-
-
 @functools.lru_cache(maxsize=1024)
 def _plan(T: int, D: int, R: int, dtype: torch.dtype, dev: int, tf32: bool) -> SimpleNamespace:
     """Per-call-shape launch plan (cached): blocks, dtype flags, grids, the backward's token splits."""
@@ -290,6 +283,9 @@ def _plan(T: int, D: int, R: int, dtype: torch.dtype, dev: int, tf32: bool) -> S
                   num_stages=meta["num_stages"])
     return SimpleNamespace(meta=meta, meta_b=meta_b, n_rows=n_rows, n_db=n_db, splits=splits,
                            per_split=per_split, nw=R * R + 2 * R)
+
+
+configure = make_configure(_OVERRIDES, _plan)
 
 
 def _rows(t: torch.Tensor, D: int) -> tuple[torch.Tensor, int]:

@@ -12,3 +12,14 @@ def _cvt(x, dtype: tl.constexpr, EMU: tl.constexpr):
         b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
         x = b.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+def make_configure(overrides: dict, plan):
+    """The ``configure(**overrides)`` of one kernel file: replaces its block-size overrides
+    (no arguments: back to the heuristics) and clears its cached launch plans."""
+    def configure(**new) -> None:
+        overrides.clear()
+        overrides.update(new)
+        plan.cache_clear()
+    configure.__doc__ = "Override the block-size heuristics (``configure()`` resets); clears the plan cache."
+    return configure

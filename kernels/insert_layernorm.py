@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from .common import _cvt
+from .common import _cvt, make_configure
 from .reference import check_insert_args
 
 
@@ -164,13 +164,6 @@ def _bwd(xn_ptr, gx_ptr, gh_ptr, w_ptr, dx_ptr, dp_ptr, dwb_ptr, n_rows, L, n, s
 _OVERRIDES: dict = {}
 
 
-def configure(**overrides) -> None:
-    """Override the block-size heuristics (``configure()`` resets); clears the plan cache."""
-    _OVERRIDES.clear()
-    _OVERRIDES.update(overrides)
-    _plan.cache_clear()
-
-
 @functools.lru_cache(maxsize=1024)
 def _plan(n_rows: int, D: int, dev: int) -> tuple[dict, dict, int]:
     """(forward meta, backward meta, programs when dweight / dbias are reduced) for one shape."""
@@ -187,6 +180,9 @@ def _plan(n_rows: int, D: int, dev: int) -> tuple[dict, dict, int]:
         fwd = bwd = dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
         reduce_progs = min(triton.cdiv(n_rows, block_m), 3)
     return fwd, bwd, reduce_progs
+
+
+configure = make_configure(_OVERRIDES, _plan)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
