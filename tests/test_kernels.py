@@ -183,6 +183,19 @@ ADAPTER_GRADS = ["dh", "dy", "dw_down", "db_down", "dw_shared", "db_shared", "dw
 INSERT_GRADS = ["dx", "dprompts", "dweight", "dbias"]
 
 
+def assert_insert_fp32(got, expected, needs=(True, True, True, True)):
+    """(x_new, h, grads) against expected_insert's: x_new exact, the rest within fp32 tolerance;
+    a gradient not asked for (``needs``) must be None."""
+    (x_new, h, grads), (exp_xn, exp_h, exp_grads) = got, expected
+    assert_close(x_new, exp_xn, 0, "x_new")
+    assert_close(h, exp_h, TOL[torch.float32], "h")
+    for name, need, g, e in zip(INSERT_GRADS, needs, grads, exp_grads):
+        if need:
+            assert_close(g, e, TOL[torch.float32], name)
+        else:
+            assert g is None
+
+
 # --------------------------------------------------------------------------- adapter (fp32)
 @pytest.mark.parametrize("grad_scale", [True, False])
 @pytest.mark.parametrize("shape,D,R", [((2, 5), 48, 16), ((7,), 48, 16), ((3, 7), 100, 24),
@@ -369,12 +382,8 @@ def test_insert_triton_matches_math(B, L, D, n, shared, where):
     x_new, h, grads = run_insert(triton_call(K.insert_prompts_layernorm), x, prompts, start, weight, bias,
                                  1e-5, gx, gh)
     assert K.launch_counts["insert_layernorm_fwd"] == 1 and K.launch_counts["insert_layernorm_bwd"] == 1
-    exp_xn, exp_h, exp_grads = expected_insert(x, prompts, start, weight, bias, 1e-5, gx, gh)
     assert x_new.dtype == x.dtype and h.dtype == x.dtype
-    assert_close(x_new, exp_xn, 0, "x_new")
-    assert_close(h, exp_h, TOL[torch.float32], "h")
-    for name, got, exp in zip(INSERT_GRADS, grads, exp_grads):
-        assert_close(got, exp, TOL[torch.float32], name)
+    assert_insert_fp32((x_new, h, grads), expected_insert(x, prompts, start, weight, bias, 1e-5, gx, gh))
     assert grads[0][:, start:start + n].abs().max() == 0
 
 
@@ -388,14 +397,7 @@ def test_insert_wide_rows_and_partial_grads(shared, needs):
     x, prompts, weight, bias, gx, gh = make_insert(B, L, D, n, shared, seed=6)
     x_new, h, grads = run_insert(triton_call(K.insert_prompts_layernorm), x, prompts, 3, weight, bias,
                                  1e-5, gx, gh, needs)
-    exp_xn, exp_h, exp_grads = expected_insert(x, prompts, 3, weight, bias, 1e-5, gx, gh)
-    assert_close(x_new, exp_xn, 0, "x_new")
-    assert_close(h, exp_h, TOL[torch.float32], "h")
-    for name, need, got, exp in zip(INSERT_GRADS, needs, grads, exp_grads):
-        if need:
-            assert_close(got, exp, TOL[torch.float32], name)
-        else:
-            assert got is None
+    assert_insert_fp32((x_new, h, grads), expected_insert(x, prompts, 3, weight, bias, 1e-5, gx, gh), needs)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-batch"])
@@ -403,11 +405,7 @@ def test_insert_reference_matches_math(shared):
     x, prompts, weight, bias, gx, gh = make_insert(3, 5, 100, 2, shared, seed=1)
     x_new, h, grads = run_insert(reference.insert_prompts_layernorm, x, prompts, 3, weight, bias,
                                  1e-5, gx, gh)
-    exp_xn, exp_h, exp_grads = expected_insert(x, prompts, 3, weight, bias, 1e-5, gx, gh)
-    assert_close(x_new, exp_xn, 0, "x_new")
-    assert_close(h, exp_h, TOL[torch.float32], "h")
-    for name, got, exp in zip(INSERT_GRADS, grads, exp_grads):
-        assert_close(got, exp, TOL[torch.float32], name)
+    assert_insert_fp32((x_new, h, grads), expected_insert(x, prompts, 3, weight, bias, 1e-5, gx, gh))
 
 
 @pytest.mark.parametrize("use_gx,use_gh", [(True, False), (False, True)], ids=["only-x_new", "only-h"])
@@ -433,14 +431,8 @@ def test_insert_non_contiguous_and_partial_grads():
     needs = (False, True, False, True)   # typical deep prompt: frozen x, learnable prompts, LN bias
     x_new, h, grads = run_insert(triton_call(K.insert_prompts_layernorm), x_nc, p_nc, 2, weight, bias,
                                  1e-5, gx_nc, gh_nc, needs)
-    exp_xn, exp_h, exp_grads = expected_insert(x_nc, p_nc, 2, weight, bias, 1e-5, gx_nc, gh_nc)
-    assert_close(x_new, exp_xn, 0, "x_new")
-    assert_close(h, exp_h, TOL[torch.float32], "h")
-    for name, need, got, exp in zip(INSERT_GRADS, needs, grads, exp_grads):
-        if need:
-            assert_close(got, exp, TOL[torch.float32], name)
-        else:
-            assert got is None
+    assert_insert_fp32((x_new, h, grads),
+                       expected_insert(x_nc, p_nc, 2, weight, bias, 1e-5, gx_nc, gh_nc), needs)
 
 
 def test_insert_without_affine():
