@@ -33,6 +33,10 @@ from .clip import Clip, text_parts
 class RunOptions:
     kernels: bool = True
     truncate_text: bool = True
+    #: > 0: under autograd, run the text tower over this many sequences at a time with
+    #: activation checkpointing — exact, activation memory ~ one chunk instead of every class,
+    #: for one extra text forward in the backward pass (training over many classes)
+    text_chunk: int = 0
 
 
 @dataclass
@@ -159,9 +163,28 @@ class Backbone(nn.Module):
                     opts: RunOptions = RunOptions(), prompt_start: int = 1,
                     used: int | None = None) -> torch.Tensor:
         """Token embeddings [N, L, D] (prompts substituted) + end-of-text rows -> features [N, E]."""
-        x = self.text_input(emb, eot, opts, used)
-        x = self.text_blocks(x, hooks, opts, prompt_start=prompt_start)
-        return self.text_head(x, eot)
+        def run(emb, eot, hooks):
+            x = self.text_input(emb, eot, opts, used)
+            x = self.text_blocks(x, hooks, opts, prompt_start=prompt_start)
+            return self.text_head(x, eot)
+        return self.text_in_chunks(run, (emb, eot), hooks, opts)
+
+    def text_in_chunks(self, fn, rows: tuple, hooks: TowerHooks, opts: RunOptions) -> torch.Tensor:
+        """fn(*rows, hooks) -> [N, E], run over `opts.text_chunk` sequences at a time under
+        activation checkpointing when autograd records (exact: the rows are independent); `rows`
+        are tensors with N leading rows, and per-sequence prompts ([N, n, D]) are sliced with them."""
+        n, chunk = rows[0].shape[0], opts.text_chunk
+        if chunk <= 0 or n <= chunk or not torch.is_grad_enabled():
+            return fn(*rows, hooks)
+        from torch.utils.checkpoint import checkpoint
+
+        parts = []
+        for i in range(0, n, chunk):
+            cut = slice(i, i + chunk)
+            part = TowerHooks({k: p[cut] if p.dim() == 3 else p for k, p in hooks.prompts.items()},
+                              hooks.adapters)
+            parts.append(checkpoint(fn, *(r[cut] for r in rows), part, use_reentrant=False))
+        return torch.cat(parts)
 
     # ------------------------------------------------------------------ image tower
     def image_input(self, images: torch.Tensor, hooks: TowerHooks) -> torch.Tensor:

@@ -39,6 +39,7 @@ class MethodConfig:
     truncate_text: bool = True  # exact causal text shortcut: run max(eot)+1 tokens, not 77
     cache: bool = True          # exact caches of frozen activations / fixed text features
     prompt: str = "a photo of a"  # hand-written prompt prefix ("{prompt} {class}.")
+    text_chunk: int = 0         # > 0: checkpointed text tower in chunks of this many classes
 
     @classmethod
     def from_options(cls, method: str, options: dict) -> "MethodConfig":
@@ -73,7 +74,8 @@ class Method(nn.Module):
     # ----------------------------------------------------------------- options and helpers
     @property
     def opts(self) -> RunOptions:
-        return RunOptions(kernels=self.config.kernels, truncate_text=self.config.truncate_text)
+        return RunOptions(kernels=self.config.kernels, truncate_text=self.config.truncate_text,
+                          text_chunk=self.config.text_chunk)
 
     def set_fast(self, fast: bool) -> "Method":
         """Turn every optimisation on (fast) or off (the original-style baseline)."""

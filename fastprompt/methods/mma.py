@@ -78,6 +78,8 @@ class MMA(Method):
             x = bb.text_input(template.embeddings, template.eot, self.opts, template.used_tokens)
             return bb.text_blocks(x, TowerHooks(), self.opts, stop=first)
 
+        def adapted(x, eot, hooks):  # layers first.. with the adapters
+            return bb.text_head(bb.text_blocks(x, hooks, self.opts, start=first), eot)
+
         x = self.cached(("text-prefix", template.key), below_adapters)
-        x = bb.text_blocks(x, self.text_hooks(), self.opts, start=first)
-        return bb.text_head(x, template.eot)
+        return bb.text_in_chunks(adapted, (x, template.eot), self.text_hooks(), self.opts)
