@@ -178,12 +178,17 @@ class Backbone(nn.Module):
             return fn(*rows, hooks)
         from torch.utils.checkpoint import checkpoint
 
+        def rows_of(p, cut):  # per-sequence prompts follow their rows; shared ones are kept
+            return p[cut] if p.dim() == 3 and p.shape[0] == n else p
+
         parts = []
         for i in range(0, n, chunk):
             cut = slice(i, i + chunk)
-            part = TowerHooks({k: p[cut] if p.dim() == 3 else p for k, p in hooks.prompts.items()},
-                              hooks.adapters)
-            parts.append(checkpoint(fn, *(r[cut] for r in rows), part, use_reentrant=False))
+            part = TowerHooks({k: rows_of(p, cut) for k, p in hooks.prompts.items()}, hooks.adapters)
+            # the frozen tower draws no random numbers: no RNG state to save (and none to read
+            # during CUDA-graph capture)
+            parts.append(checkpoint(fn, *(r[cut] for r in rows), part, use_reentrant=False,
+                                    preserve_rng_state=False))
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ image tower

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.from_json:
         saved = json.loads(Path(a.from_json).read_text())
-        results = {tuple(key.split("/", 1)): rows for key, rows in saved.items()}
+        results = {tuple(key.rsplit("/", 1)): rows for key, rows in saved.items()}
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
         results = collect(a.methods.split(","), a.datasets.split(","), seeds, a.pretrained,

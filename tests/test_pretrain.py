@@ -77,3 +77,17 @@ def test_generated_domains_move_the_pixels_off_the_corpus():
     fog = np.stack([np.asarray(x.image, dtype=float) for x in load_dataset("shapes_texture").train[::32]])
     assert dim.mean() < 0.8 * corpus_px.mean()
     assert fog.std(axis=(1, 2)).mean() < 0.6 * corpus_px.std(axis=(1, 2)).mean()
+
+
+def test_table_rebuilds_from_saved_results(tmp_path):
+    from fastprompt.table import main
+    saved = {"shapes_texture/maple": [{"seed": 1, "base_acc": 80.0, "novel_acc": 50.0, "hm": 61.5},
+                                      {"seed": 2, "base_acc": 70.0, "novel_acc": 60.0, "hm": 64.6}]}
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:begin -->\nold\n<!-- table:end -->\nrest\n")
+    assert main(["--from-json", str(tmp_path / "r.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| shapes_texture | maple | 75.0 | 55.0 | 63.0 |" in text
+    assert "Mean over seeds 1, 2." in text and "shapes_texture 8.3/8.3" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text

@@ -63,17 +63,3 @@ def test_tuning_beats_zero_shot_on_base_and_keeps_novel(method, zero_shot):
     assert m["base_acc"] > zs["base_acc"] + 5, (m, zs)
     assert m["novel_acc"] > zs["novel_acc"] - 5, (m, zs)
     assert m["hm"] > zs["hm"] + 5, (m, zs)
-
-
-def test_table_rebuilds_from_saved_results(tmp_path):
-    from fastprompt.table import main
-    saved = {"shapes_texture/maple": [{"seed": 1, "base_acc": 80.0, "novel_acc": 50.0, "hm": 61.5},
-                                      {"seed": 2, "base_acc": 70.0, "novel_acc": 60.0, "hm": 64.6}]}
-    (tmp_path / "r.json").write_text(json.dumps(saved))
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- table:begin -->\nold\n<!-- table:end -->\nrest\n")
-    assert main(["--from-json", str(tmp_path / "r.json"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert "| shapes_texture | maple | 75.0 | 55.0 | 63.0 |" in text
-    assert "Mean over seeds 1, 2." in text and "shapes_texture 8.3/8.3" in text
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text

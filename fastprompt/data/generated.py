@@ -12,7 +12,8 @@ compose attributes the model has read in its captions; base = the first half of 
 - ``shapes_texture``: "striped red circle" vs "plain red circle" for twelve colour–shape pairs
   (24 classes), in *fog*. Chance 8.3 % per half.
 - ``shapes_count``: "one blue circle", "two blue circles", "three blue circles" for eight objects
-  (24 classes), in *fog*. Chance 8.3 % per half.
+  (24 classes), in *fog*; orange hexagons (novel half) never occur in pretraining. Chance 8.3 %
+  per half.
 
 Domains (applied to the rendered RGB values ``v``, then clipped to 0..255):
 *dim light* ``0.65 v + N(0, 12)`` (a darker, noisier sensor); *fog* ``0.45 v + 0.55 * 190 +

@@ -39,7 +39,8 @@ class MethodConfig:
     truncate_text: bool = True  # exact causal text shortcut: run max(eot)+1 tokens, not 77
     cache: bool = True          # exact caches of frozen activations / fixed text features
     prompt: str = "a photo of a"  # hand-written prompt prefix ("{prompt} {class}.")
-    text_chunk: int = 0         # > 0: checkpointed text tower in chunks of this many classes
+    text_chunk: int = 0         # > 0: checkpointed text tower, this many sequences at a time
+                                # (classes; image x class pairs for CoCoOp)
 
     @classmethod
     def from_options(cls, method: str, options: dict) -> "MethodConfig":
