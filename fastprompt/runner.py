@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-
 from .api import create, method_class
 from .checkpoint import load, read_config
 from .clip import load_clip
