@@ -3,7 +3,8 @@
 Per group: each variant's median time, its speed-up over the group's `baseline` (baseline time
 divided by the variant's), images/s where the benchmark records `images`, GB/s where it records
 `gbps`, and for training steps the achieved TFLOP/s (counted FLOPs / median) and its share of
-the device's dense bf16 peak.
+the device's dense bf16 peak. Benchmarks that recorded device time (`gpu_ms`, CUDA graph replay,
+cold L2) get three more columns: GPU ms, the speed-up on that clock, and GPU GB/s.
 """
 from __future__ import annotations
 
@@ -38,15 +39,27 @@ def rows_of(data: dict) -> dict[str, list[dict]]:
         groups[group_key(b)].append({
             "variant": info.get("variant", b["name"]), "median": b["stats"]["median"],
             "images": info.get("images"), "gbps": info.get("gbps"), "flops": info.get("flops"),
-            "device": info.get("device", "")})
+            "device": info.get("device", ""), "gpu_ms": info.get("gpu_ms"), "gpu_gbps": info.get("gpu_gbps")})
     return groups
 
 
+def _gpu_columns(r: dict, base_ms: float | None) -> str:
+    if not r["gpu_ms"]:
+        return f"{'':>9} {'':>8} {'':>8}"
+    speed = f"{base_ms / r['gpu_ms']:.2f}x" if base_ms else ""
+    gbps = f"{r['gpu_gbps']:.0f}" if r["gpu_gbps"] else ""
+    return f"{r['gpu_ms']:9.4f} {speed:>8} {gbps:>8}"
+
+
 def table(data: dict) -> str:
+    groups = rows_of(data)
+    gpu = any(r["gpu_ms"] for rows in groups.values() for r in rows)
     lines = [f"{'group':34} {'variant':16} {'median ms':>10} {'speed-up':>9} {'img/s':>10} "
-             f"{'GB/s':>8} {'TFLOP/s':>8} {'% peak':>7}"]
-    for group, rows in sorted(rows_of(data).items()):
+             f"{'GB/s':>8} {'TFLOP/s':>8} {'% peak':>7}"
+             + (f" {'GPU ms':>9} {'GPU x':>8} {'GPU GB/s':>8}" if gpu else "")]
+    for group, rows in sorted(groups.items()):
         base = next((r["median"] for r in rows if r["variant"] == "baseline"), None)
+        base_gpu = next((r["gpu_ms"] for r in rows if r["variant"] == "baseline"), None)
         for r in sorted(rows, key=lambda r: r["variant"] != "baseline"):
             speed = f"{base / r['median']:.2f}x" if base else ""
             ips = f"{r['images'] / r['median']:.1f}" if r["images"] else ""
@@ -55,7 +68,8 @@ def table(data: dict) -> str:
             peak = peak_for(r["device"]) if tflops else None
             lines.append(f"{group:34} {r['variant']:16} {r['median'] * 1e3:10.3f} {speed:>9} "
                          f"{ips:>10} {gbps:>8} {'' if tflops is None else f'{tflops:.1f}':>8} "
-                         f"{'' if not peak else f'{100 * tflops / peak:.1f}':>7}")
+                         f"{'' if not peak else f'{100 * tflops / peak:.1f}':>7}"
+                         + (" " + _gpu_columns(r, base_gpu) if gpu else ""))
     return "\n".join(lines)
 
 

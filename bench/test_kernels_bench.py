@@ -14,6 +14,11 @@ an effective bandwidth to compare with the copy group:
   insert fwd+bwd   fwd + read g_xnew, g_h, x_new; write dx                7 B L D
 (times the element size; the narrow [T, R] tensors and parameters are ignored).
 
+On CUDA every benchmark here also records its device time (``gpu_ms``, ``gpu_gbps``: the call
+replayed from a CUDA graph with L2 flushed, see ``bench/conftest.py``). At these sizes (~0.1 ms)
+the wall-clock median is mostly launch latency, synchronize and autograd bookkeeping, so the
+kernel targets (speed-up over eager and compile, share of copy bandwidth) are read off device time.
+
 Shapes: ViT-B/16 with batch 32 in bf16 on CUDA (vision: 199 tokens x 768, text: 77 x 512);
 small fp32 shapes on the CPU so a smoke run takes seconds.
 """
@@ -83,7 +88,7 @@ def test_adapter_fwd(bench, case, variant):
     h, y, params = _adapter_inputs(bench.env, B, L, D, R, requires_grad=False)
     fn = _impl(bench, variant, reference.adapter_residual, K.adapter_residual)
     out = bench.run(lambda: fn(h, y, *params, 0.1), variant=variant,
-                    shapes=dict(h=h.shape, R=R), bytes_moved=3 * B * L * D * _esize(bench.env))
+                    shapes=dict(h=h.shape, R=R), bytes_moved=3 * B * L * D * _esize(bench.env), device_time=True)
     assert out.shape == h.shape
 
 
@@ -101,7 +106,7 @@ def test_adapter_fwdbwd(bench, case, variant):
         return torch.autograd.grad(out, [h, y, *params], g)
 
     grads = bench.run(step, variant=variant, shapes=dict(h=h.shape, R=R),
-                      bytes_moved=6 * B * L * D * _esize(bench.env))
+                      bytes_moved=6 * B * L * D * _esize(bench.env), device_time=True)
     assert len(grads) == 8
 
 
@@ -116,7 +121,7 @@ def test_insert_ln_fwd(bench, case, variant):
     fn = _impl(bench, variant, reference.insert_prompts_layernorm, K.insert_prompts_layernorm)
     x_new, h = bench.run(lambda: fn(x, prompts, start, weight, bias), variant=variant,
                          shapes=dict(x=x.shape, prompts=prompts.shape, start=start),
-                         bytes_moved=3 * B * L * D * _esize(bench.env))
+                         bytes_moved=3 * B * L * D * _esize(bench.env), device_time=True)
     assert h.shape == x.shape
 
 
@@ -136,7 +141,7 @@ def test_insert_ln_fwdbwd(bench, case, variant):
 
     grads = bench.run(step, variant=variant,
                       shapes=dict(x=x.shape, prompts=prompts.shape, start=start),
-                      bytes_moved=7 * B * L * D * _esize(bench.env))
+                      bytes_moved=7 * B * L * D * _esize(bench.env), device_time=True)
     assert grads[1].shape == prompts.shape
 
 
@@ -147,7 +152,7 @@ def test_copy(bench, case):
     B, L, D, _ = ADAPTER_CASES[case]
     t = torch.randn(B, L, D, device=bench.env.device).to(bench.env.dtype)
     out = bench.run(t.clone, variant="copy", shapes=dict(t=t.shape),
-                    bytes_moved=2 * t.numel() * t.element_size())
+                    bytes_moved=2 * t.numel() * t.element_size(), device_time=True)
     assert out.shape == t.shape
 
 
@@ -199,7 +204,7 @@ def test_tune_adapter(bench, config, grads):
                 out = K.adapter_residual(h, y, *params, 0.1)
             return torch.autograd.grad(out, [h, y, *params], g) if grads else out
         bench.run(step, variant=f"{'fwdbwd' if grads else 'fwd'}[{config}]", shapes=dict(h=h.shape, R=R),
-                  bytes_moved=(6 if grads else 3) * B * L * D * _esize(bench.env))
+                  bytes_moved=(6 if grads else 3) * B * L * D * _esize(bench.env), device_time=True)
     finally:
         mod.configure()
 
@@ -219,6 +224,6 @@ def test_tune_insert(bench, config, grads):
                 x_new, h = K.insert_prompts_layernorm(x, prompts, L - n, weight, bias)
             return torch.autograd.grad([x_new, h], [x, prompts], [gx, gh]) if grads else h
         bench.run(step, variant=f"{'fwdbwd' if grads else 'fwd'}[{config}]", shapes=dict(x=x.shape),
-                  bytes_moved=(7 if grads else 3) * B * L * D * _esize(bench.env))
+                  bytes_moved=(7 if grads else 3) * B * L * D * _esize(bench.env), device_time=True)
     finally:
         mod.configure()
