@@ -1,6 +1,8 @@
 """Accuracy of a classifier on a list of images, and the base-to-novel harmonic mean."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -22,12 +24,15 @@ def loader_kwargs(device: torch.device, workers: int) -> dict:
 @torch.no_grad()
 def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
              precision: str = "fp32", on_error: str = "skip", progress=None) -> float:
-    """Top-1 accuracy in percent of `classifier` (images -> logits) over `data` (list of Datum)."""
+    """Top-1 accuracy in percent of `classifier` (images -> logits) over `data` (list of Datum).
+    With ``on_error="skip"``, unreadable images (found by any loader worker) are counted in one
+    RuntimeWarning at the end."""
     if not data:
         raise ValueError("no images to evaluate on")
     tf = test_transform(classifier.image_size, classifier.mean, classifier.std)
-    loader = DataLoader(ImageDataset(data, tf, on_error=on_error), batch_size=batch_size,
-                        shuffle=False, **loader_kwargs(device, workers))
+    dataset = ImageDataset(data, tf, on_error=on_error)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        **loader_kwargs(device, workers))
     correct = total = 0
     classifier.eval()
     for images, labels in (progress(loader) if progress else loader):
@@ -36,6 +41,11 @@ def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
             logits = classifier(images)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
+    skipped = dataset.skipped  # over all loader workers
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {len(data)} evaluation images were unreadable and "
+                      f"replaced by others of their class (first: {skipped[0]})", RuntimeWarning,
+                      stacklevel=2)
     return 100.0 * correct / total
 
 

@@ -23,7 +23,8 @@ from .training import CHECKPOINT, TrainEnv, init_distributed, train
 SPLIT = "split.json"
 
 
-def _env(args) -> TrainEnv:
+def run_env(args) -> TrainEnv:
+    """The TrainEnv (device, precision, workers, ...) of the train CLI's parsed `args`."""
     env = init_distributed(args.device)
     cuda = env.device.type == "cuda"
     env.precision = ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision
@@ -57,7 +58,7 @@ def train_run(args):
     started = time.perf_counter()
     method_class(args.method)  # unknown method: fail before loading anything
     dataset = args.dataset or DEFAULT_DATASET
-    env = _env(args)
+    env = run_env(args)
     recipe = recipe_for(args.method, dataset.lower(), epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, shots=args.shots, **getattr(args, "recipe", {}))
     out = Path(args.out or f"runs/{dataset}/{args.method}/seed{args.seed}")
@@ -88,13 +89,14 @@ def train_run(args):
     stats = train(model, recipe, train_split.train, out, env, resume=args.resume, extra=extra)
     if not env.main:
         return None
-    metrics = _evaluate(model, args, env, train_split, novel)
+    metrics = evaluate_base_novel(model, args, env, train_split, novel)
     metrics.update(stats)
     metrics["wall_s"] = time.perf_counter() - started
     return _finish(out, metrics)
 
 
-def _evaluate(model, args, env, base, novel) -> dict:
+def evaluate_base_novel(model, args, env, base, novel) -> dict:
+    """Accuracy of `model` on the base and novel halves (`args.eval_split`) and their HM."""
     def acc(names, items):
         return accuracy(model.classifier(names), items, env.device, workers=env.workers,
                         precision=env.precision, on_error=env.on_error)
@@ -125,7 +127,7 @@ def evaluate_run(args):
         raise ValueError("--eval-only needs --run RUN_DIR")
     run = Path(args.run)
     info = read_config(run).get("run", {})
-    env = _env(args)
+    env = run_env(args)
     model = load(run, device=env.device).eval()
     dataset = args.dataset or info.get("dataset", DEFAULT_DATASET)
     root = args.data_root or info.get("data_root")
@@ -135,4 +137,4 @@ def evaluate_run(args):
             raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong --data-root?")
     else:
         base, novel = load_dataset(dataset, root), None
-    return _evaluate(model, args, env, base, novel)
+    return evaluate_base_novel(model, args, env, base, novel)

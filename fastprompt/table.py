@@ -1,13 +1,25 @@
-"""`python -m fastprompt.table`: base-to-novel accuracy of every method on the generated datasets.
+"""`python -m fastprompt.table`: base-to-novel accuracy of every method over datasets and seeds.
 
-Trains each method with its default recipe (16 shots, base classes) on each generated dataset
-(`fastprompt.data.generated`) with the shipped pretrained tiny CLIP, for a few seeds, and prints
-the base / novel / HM table averaged over seeds (markdown). `--readme README.md` also rewrites
-the table between the markers `<!-- table:begin -->` and `<!-- table:end -->` in that file.
+Trains each method with its default recipe (16 shots, base classes) on each dataset, by default the
+generated ones (`fastprompt.data.generated`) with the shipped pretrained tiny CLIP on the CPU, for a
+few seeds, and prints the base / novel / HM table averaged over seeds (markdown). `--readme
+README.md` also rewrites the table between the markers `<!-- table:begin -->` and
+`<!-- table:end -->` in that file.
+
+Every other flag goes to `python -m fastprompt.train` (see its --help) for each run, so real
+datasets in the CoOp layout work as they do there, e.g.
+
+    python -m fastprompt.table --datasets oxford_pets,dtd --data-root ~/data \\
+        --model ViT-B-16 --pretrained openai --device cuda --methods coop,maple
+
+The table sets --method, --dataset, --seed and --out itself (use --methods / --datasets /
+--seeds) and always trains base-to-novel (--subsample base).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -16,48 +28,67 @@ from pathlib import Path
 
 METHODS = ("zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm")
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
+#: train-CLI settings that the table decides for each run (dest -> the table's own flag)
+RESERVED = {"method": "--methods", "dataset": "--datasets", "seed": "--seeds", "out": None,
+            "resume": None, "eval_only": None, "run": None, "subsample": None}
 
 
-def run_one(method: str, dataset: str, seed: int, pretrained: str = "shapes", out=None,
+def train_args(method: str, dataset: str, seed: int = 1, pretrained: str | None = "shapes",
+               out=None, extra: list[str] | None = None) -> argparse.Namespace:
+    """The train CLI's arguments for one table run: CPU, no progress bar, then `extra` (train
+    flags such as --data-root or --device, which override those defaults). `pretrained` None is
+    random init."""
+    from .train import parse_args
+
+    argv = ["--method", method, "--dataset", dataset, "--seed", str(seed), "--pretrained",
+            pretrained or "none", "--device", "cpu", "--no-progress"]
+    if out is not None:
+        argv += ["--out", str(out)]
+    return parse_args(argv + list(extra or []))
+
+
+def run_one(method: str, dataset: str, seed: int, pretrained: str | None = "shapes", out=None,
             extra: list[str] | None = None) -> dict:
     """One base-to-novel run through the CLI's own code path; returns its metrics."""
     if method == "zeroshot":
-        return zero_shot(dataset, pretrained)
+        return zero_shot(dataset, pretrained, extra=extra)
     from .runner import train_run
-    from .train import parse_args
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--method", method, "--dataset", dataset, "--seed", str(seed), "--pretrained",
-                pretrained, "--device", "cpu", "--no-progress", "--out", str(out or Path(tmp) / "run")]
-        return train_run(parse_args(argv + list(extra or [])))
+        return train_run(train_args(method, dataset, seed, pretrained, out or Path(tmp) / "run", extra))
 
 
-def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "test") -> dict:
-    """Zero-shot CLIP ("a photo of a {}.") on the base and the novel classes of `dataset`."""
-    import torch
-
+def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "test",
+              extra: list[str] | None = None) -> dict:
+    """Zero-shot CLIP ("a photo of a {}.") on the base and the novel classes of `dataset`, with
+    the train CLI's backbone, data and evaluation settings (`extra`: train flags); no run dir."""
     from .api import create
     from .clip import load_clip
     from .data import load_dataset, split_base_novel
-    from .evaluate import accuracy, harmonic_mean
+    from .runner import evaluate_base_novel, run_env
 
-    clip = load_clip("tiny", pretrained)
-    out = {}
-    for key, half in zip(("base_acc", "novel_acc"), split_base_novel(load_dataset(dataset))):
-        clf = create("zeroshot", clip, half.classnames).classifier()
-        out[key] = accuracy(clf, getattr(half, split), torch.device("cpu"))
-    out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
-    return out
+    args = train_args("zeroshot", dataset, pretrained=pretrained,
+                      extra=["--eval-split", split, *(extra or [])])
+    env = run_env(args)
+    clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device)
+    base, novel = split_base_novel(load_dataset(dataset, args.data_root))
+    return evaluate_base_novel(create("zeroshot", clip, base.classnames), args, env, base, novel)
 
 
-def collect(methods, datasets, seeds, pretrained="shapes", log=print) -> dict:
+def collect(methods, datasets, seeds, pretrained: str | None = "shapes", log=print,
+            extra: list[str] | None = None) -> dict:
+    """{(dataset, method): [per-seed metrics]}; `extra`: train CLI flags for every run. Zero-shot
+    does not depend on the seed: it is evaluated once per dataset and repeated for each seed."""
     results = {}
     for dataset in datasets:
         for method in methods:
             rows = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                m = run_one(method, dataset, seed, pretrained)
+                if method == "zeroshot" and rows:
+                    m = rows[0]
+                else:
+                    m = run_one(method, dataset, seed, pretrained, extra=extra)
                 rows.append({"seed": seed, **{k: m[k] for k in ("base_acc", "novel_acc", "hm")}})
                 if log:
                     log(f"{dataset} {method} seed {seed}: base {m['base_acc']:.1f} novel "
@@ -66,21 +97,22 @@ def collect(methods, datasets, seeds, pretrained="shapes", log=print) -> dict:
     return results
 
 
-def chance(dataset: str) -> tuple[float, float]:
-    """Chance accuracy (percent) on the base and on the novel half of `dataset`."""
+def chance(dataset: str, root=None) -> tuple[float, float]:
+    """Chance accuracy (percent) on the base and on the novel half of `dataset` (under `root`,
+    the --data-root, for the datasets that live on disk)."""
     from .data import load_dataset, split_base_novel
 
-    base, novel = split_base_novel(load_dataset(dataset))
+    base, novel = split_base_novel(load_dataset(dataset, root))
     return 100 / len(base.classnames), 100 / len(novel.classnames)
 
 
-def markdown(results: dict, seeds) -> str:
+def markdown(results: dict, seeds, root=None) -> str:
     lines = ["| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
     for (dataset, method), rows in results.items():
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_acc", "novel_acc", "hm")}
         lines.append(f"| {dataset} | {method} | {mean['base_acc']:.1f} | {mean['novel_acc']:.1f} "
                      f"| {mean['hm']:.1f} |")
-    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d))}"
+    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d, root))}"
                      for d in dict.fromkeys(d for d, _ in results))
     return "\n".join(lines) + (f"\n\nMean over seeds {', '.join(map(str, seeds))}. "
                                f"Chance (base/novel, %): {odds}.")
@@ -94,29 +126,56 @@ def write_readme(path: Path, table: str) -> None:
     path.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
 
 
+def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> argparse.Namespace:
+    """Parse the train flags passed through (the train CLI's own parser, so its errors and
+    --config apply) and refuse those the table sets for each run."""
+    from .train import parse_args
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):  # the train parser's usage would mislead here
+            given = parse_args(extra)
+    except SystemExit:
+        parser.error(errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1])
+    default = vars(parse_args([]))
+    for dest, own in RESERVED.items():
+        if getattr(given, dest) != default[dest]:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} is set by the table for each run" + (f": use {own}" if own else ""))
+    return given
+
+
 def main(argv=None) -> int:
+    from .train import run_cli
+
+    return run_cli(lambda: _main(argv))  # the train CLI's one-line errors
+
+
+def _main(argv) -> int:
     from .data.generated import GENERATED
 
     p = argparse.ArgumentParser(prog="python -m fastprompt.table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a prefix must not swallow a train flag
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--datasets", default=",".join(GENERATED))
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--pretrained", default="shapes")
     p.add_argument("--readme", default=None, help="rewrite the table in this file")
     p.add_argument("--json", default=None, help="also write the per-seed results here")
     p.add_argument("--from-json", default=None,
-                   help="rebuild the table from a file written by --json instead of training")
-    a = p.parse_args(argv)
+                   help="rebuild the table from a file written by --json instead of training "
+                        "(give --data-root too if its datasets live on disk: for the chance line)")
+    a, extra = p.parse_known_args(argv)
+    train = check_train_flags(p, extra)
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.from_json:
         saved = json.loads(Path(a.from_json).read_text())
         results = {tuple(key.rsplit("/", 1)): rows for key, rows in saved.items()}
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
-        results = collect(a.methods.split(","), a.datasets.split(","), seeds, a.pretrained,
-                          log=lambda m: print(m, flush=True))
-    table = markdown(results, seeds)
+        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.pretrained,
+                          log=lambda m: print(m, flush=True), extra=extra)
+    table = markdown(results, seeds, train.data_root)
     print(table)
     if a.json:
         Path(a.json).write_text(json.dumps({f"{d}/{m}": r for (d, m), r in results.items()}, indent=2))

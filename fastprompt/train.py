@@ -109,9 +109,14 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+def run_cli(body) -> int:
+    """``body()``'s exit code; the expected failures (bad data, checkpoint, backbone, NaN loss,
+    GPU out of memory, Ctrl-C) become one line on stderr and an exit code, not a traceback."""
     try:
-        args = parse_args(argv)
-        return run(args)
+        return body()
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is saved; --resume continues", file=sys.stderr)
         return 130

@@ -157,7 +157,7 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
         if env.main:
             save(model, run_dir, extra=extra or {})
         model.eval()
-        return {"train_images_per_s": 0.0, "train_wall_s": 0.0, "epochs": 0}
+        return {"train_images_per_s": 0.0, "train_wall_s": 0.0, "epochs": 0, "skipped_images": 0}
     optimizer = make_optimizer(model, recipe)
     start = load_checkpoint(model, optimizer, run_dir) if resume else 0
     if resume:
@@ -189,9 +189,13 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
                 f"acc {stats['acc']:.1f}%  {stats['images_per_s']:.1f} img/s")
     if env.main and recipe.epochs == start:
         save(model, run_dir, extra=extra or {})
+    skipped = dataset.skipped  # over all loader workers (shared flags); this process's share in DDP
+    if skipped and env.main:
+        log(f"skipped {len(skipped)} unreadable training image(s), each replaced by another of its "
+            f"class (first: {skipped[0]})")
     model.eval()
     return {"train_images_per_s": images_seen * env.world_size / train_time if train_time else 0.0,
-            "train_wall_s": train_time, "epochs": recipe.epochs}
+            "train_wall_s": train_time, "epochs": recipe.epochs, "skipped_images": len(skipped)}
 
 
 def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:

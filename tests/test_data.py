@@ -297,6 +297,43 @@ def test_corrupt_image_skip_and_raise(pets):
     assert ds.skipped == [bad]
 
 
+def corrupt(path):
+    with open(path, "wb") as f:
+        f.write(b"\x00garbage, not a jpeg" * 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_images_are_seen_across_loader_workers(pets, workers):
+    """Skips made inside DataLoader worker processes reach the caller's dataset."""
+    d = load_dataset("oxford_pets", pets[0])
+    bad = sorted([d.train[3].impath, d.train[45].impath])  # two classes, two workers' batches
+    for path in bad:
+        corrupt(path)
+    ds = ImageDataset(d.train, test_transform(16), on_error="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=10, num_workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the per-process "skipping" warning
+        labels = torch.cat([y for _, y in loader])
+    assert labels.tolist() == [x.label for x in d.train]  # stand-ins keep the labels
+    assert ds.skipped == bad
+
+
+def test_accuracy_reports_skips_made_in_workers(pets):
+    from fastprompt.evaluate import accuracy
+
+    d = load_dataset("oxford_pets", pets[0])
+    corrupt(d.test[4].impath)
+
+    class Constant(torch.nn.Module):  # a classifier stand-in: always class 0
+        image_size, mean, std = 16, (0.5,) * 3, (0.5,) * 3
+
+        def forward(self, x):
+            return torch.zeros(len(x), 5).index_fill_(1, torch.tensor([0]), 1.0)
+
+    with pytest.warns(RuntimeWarning, match=f"1 of {len(d.test)} evaluation images were unreadable"):
+        acc = accuracy(Constant(), d.test, torch.device("cpu"), batch_size=4, workers=2)
+    assert acc == pytest.approx(100 / 5)
+
 # ---------------------------------------------------------------- errors: one line, name + fix
 
 def load_error(*args, **kwargs):

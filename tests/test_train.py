@@ -145,3 +145,59 @@ def test_seed_alone_decides_the_initial_prompts(tmp_path, capsys):
     a, b, c = (load_file(str(tmp_path / r / "adapter.safetensors")) for r in "abc")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_corrupt_images_in_loader_workers_are_counted(tmp_path, capsys):
+    """--workers 2: a corrupt training image is counted in the log and metrics.json, a corrupt
+    test image in the evaluation warning, though only worker processes read them."""
+    root = write_oxford_pets(tmp_path / "data")
+    (root / "oxford_pets" / "images" / "abyssinian_0.jpg").write_bytes(b"not a jpeg")  # train
+    (root / "oxford_pets" / "images" / "beagle_2.jpg").write_bytes(b"not a jpeg")  # test
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="1 of 12 evaluation images were unreadable"):
+        code, stdout, _ = run_cli(["--method", "coop", "--dataset", "oxford_pets", "--data-root",
+                                   str(root), "--out", str(out), "--batch-size", "2", "--workers",
+                                   "2", "--no-progress", "--shots", "4", "--epochs", "1"], capsys)
+    assert code == 0
+    assert "skipped 1 unreadable training image" in stdout and "abyssinian_0.jpg" in stdout
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == 1
+
+
+def test_table_runs_on_a_coop_layout_dataset(tmp_path, capsys):
+    """`python -m fastprompt.table` with train flags (--data-root, --shots, ...) passed through."""
+    from fastprompt.table import chance, main as table
+    root = write_oxford_pets(tmp_path / "data")
+    flags = ["--data-root", str(root), "--shots", "2", "--epochs", "1", "--batch-size", "2"]
+    assert table(["--methods", "zeroshot,coop", "--datasets", "oxford_pets", "--seeds", "1,2",
+                  "--json", str(tmp_path / "r.json"), *flags]) == 0
+    stdout = capsys.readouterr().out
+    assert "| oxford_pets | coop |" in stdout and "| oxford_pets | zeroshot |" in stdout
+    assert chance("oxford_pets", root) == (100 / 3, 100 / 2)
+    assert "Chance (base/novel, %): oxford_pets 33.3/50.0." in stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [r["seed"] for r in saved["oxford_pets/coop"]] == [1, 2]
+    # zero-shot is the train CLI's zero-shot run on the same data (and the same for every seed)
+    zs = saved["oxford_pets/zeroshot"]
+    assert {**zs[0], "seed": 2} == zs[1]
+    assert run_cli(["--method", "zeroshot", "--dataset", "oxford_pets", "--out", str(tmp_path / "zs"),
+                    "--no-progress", *flags[:4]], capsys)[0] == 0
+    metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert {k: metrics[k] for k in ("base_acc", "novel_acc", "hm")} == {
+        k: zs[0][k] for k in ("base_acc", "novel_acc", "hm")}
+    # rebuilding the table needs the data root for the chance line: one clear line without it
+    assert table(["--from-json", str(tmp_path / "r.json"), "--data-root", str(root)]) == 0
+    assert table(["--from-json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data-root" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dataset", "oxford_pets"], "--dataset is set by the table for each run: use --datasets"),
+    (["--subsample", "all"], "--subsample is set by the table"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_table_refuses_flags_it_sets_itself(args, needle, capsys):
+    from fastprompt.table import main as table
+    with pytest.raises(SystemExit) as exc:
+        table(args)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

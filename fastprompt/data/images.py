@@ -68,25 +68,37 @@ class ImageDataset(Dataset):
     """A map-style torch dataset yielding ``(transform(image), label)``.
 
     ``on_error="raise"``: an unreadable image raises :class:`DataError` naming its path.
-    ``on_error="skip"``: its path is added to ``self.skipped``, a warning is issued once, and the
-    item is replaced by the next readable image of the same class (any class if none is left), so
-    batches keep their size and labels stay correct. With DataLoader workers each worker keeps its
-    own ``skipped`` list; only the main process's copy is visible here.
+    ``on_error="skip"``: the image is marked unreadable, a warning is issued once (per process),
+    and the item is replaced by the next readable image of the same class (any class if none is
+    left), so batches keep their size and labels stay correct. ``skipped`` lists the unreadable
+    images found so far.
+
+    The marks live in a shared-memory tensor (one flag per item), so the marks that DataLoader
+    worker processes make are seen by the main process's dataset (and by the other workers, which
+    then skip that file at once): ``skipped`` is the figure over all workers, with or without
+    workers, forked or spawned.
     """
 
     def __init__(self, data: Sequence[Datum], transform: Callable | None = None,
                  on_error: str = "skip"):
+        import torch
+
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.data = list(data)
         self.transform = transform if transform is not None else test_transform()
         self.on_error = on_error
-        self.skipped: list[str] = []
-        self._bad: set[int] = set()
+        self._bad = torch.zeros(len(self.data), dtype=torch.bool).share_memory_()
         self._warned = False
         self._by_label: dict[int, list[int]] = defaultdict(list)
         for i, d in enumerate(self.data):
             self._by_label[d.label].append(i)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Sources (paths) of the images found unreadable so far, in dataset order, over all
+        DataLoader workers."""
+        return [self.data[i].source for i in self._bad.nonzero().flatten().tolist()]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -105,14 +117,13 @@ class ImageDataset(Dataset):
             datum = self.data[index]
             return self.transform(load_image(datum)), datum.label
         for i in self._candidates(index):
-            if i in self._bad:
+            if self._bad[i]:
                 continue
             datum = self.data[i]
             try:
                 image = load_image(datum)
             except DataError as err:
-                self._bad.add(i)
-                self.skipped.append(datum.source)
+                self._bad[i] = True
                 if not self._warned:
                     self._warned = True
                     warnings.warn(f"skipping unreadable images (first: {err}); "
@@ -120,5 +131,6 @@ class ImageDataset(Dataset):
                                   stacklevel=2)
                 continue
             return self.transform(image), datum.label
+        skipped = self.skipped
         raise DataError(f"none of the {len(self.data)} images could be read (first: "
-                        f"{self.skipped[0] if self.skipped else '?'}) — check the data root")
+                        f"{skipped[0] if skipped else '?'}) — check the data root")
