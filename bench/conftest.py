@@ -93,9 +93,10 @@ FLUSH_BYTES = 256 << 20
 
 
 def capture_graph(fn) -> "torch.cuda.CUDAGraph":
-    """``fn()`` captured in a CUDA graph, after warm-up calls on a side stream (PyTorch's recipe:
-    lazy initialisation and autotuning must not happen during capture). Backward passes inside
-    ``fn`` are captured too (autograd runs them on the forward's stream)."""
+    """``fn()`` captured in a CUDA graph, after warm-up calls on the capture stream itself
+    (PyTorch's recipe: lazy initialisation — per-stream library handles and workspaces, autotuning
+    — must not happen during capture). Backward passes inside ``fn`` are captured too (autograd
+    runs them on the forward's stream)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -103,7 +104,7 @@ def capture_graph(fn) -> "torch.cuda.CUDAGraph":
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
     return graph
 
