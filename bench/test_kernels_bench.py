@@ -19,8 +19,9 @@ replayed from a CUDA graph with L2 flushed, see ``bench/conftest.py``). At these
 the wall-clock median is mostly launch latency, synchronize and autograd bookkeeping, so the
 kernel targets (speed-up over eager and compile, share of copy bandwidth) are read off device time.
 
-Shapes: ViT-B/16 with batch 32 in bf16 on CUDA (vision: 199 tokens x 768, text: 77 x 512);
-small fp32 shapes on the CPU so a smoke run takes seconds.
+Shapes: ViT-B/16 with batch 32 in bf16 on CUDA (vision: 199 tokens x 768, text: 77 x 512), and
+vision at batch 256 where every variant is bandwidth-bound; small fp32 shapes on the CPU so a
+smoke run takes seconds.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ import fastprompt.kernels as K
 from fastprompt.kernels import reference
 
 VARIANTS = ["baseline", "compile", "fastprompt"]
-if torch.cuda.is_available():
-    ADAPTER_CASES = {"vision": (32, 199, 768, 32), "text": (32, 77, 512, 32)}     # B, L, D, R
-    INSERT_CASES = {"vision": (32, 199, 768, 2, "end"), "text": (32, 77, 512, 4, "start1")}  # B, L, D, n
+if torch.cuda.is_available():  # "vision-b256": large enough (78 MB a tensor) to be bandwidth-bound
+    ADAPTER_CASES = {"vision": (32, 199, 768, 32), "text": (32, 77, 512, 32),      # B, L, D, R
+                     "vision-b256": (256, 199, 768, 32)}
+    INSERT_CASES = {"vision": (32, 199, 768, 2, "end"), "text": (32, 77, 512, 4, "start1"),  # B, L, D, n
+                    "vision-b256": (256, 199, 768, 2, "end")}
 else:
     ADAPTER_CASES = {"vision": (4, 50, 256, 32), "text": (4, 20, 128, 16)}
     INSERT_CASES = {"vision": (4, 50, 256, 2, "end"), "text": (4, 20, 128, 4, "start1")}
