@@ -47,6 +47,7 @@ from types import SimpleNamespace
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from . import dispatch
@@ -332,6 +333,7 @@ class _AdapterResidual(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a double backward raises instead of silently dropping 2nd-order terms
     def backward(ctx, g):
         need_h, need_y, need_wd, need_bd, need_ws, need_bs, need_wu, need_bu = ctx.needs_input_grad[:8]
         dy = g if need_y else None
@@ -388,12 +390,11 @@ def adapter_residual(h, y, w_down, b_down, w_shared, b_shared, w_up, b_up, scale
     """Triton version of :func:`fastprompt.kernels.reference.adapter_residual` (same math, see top)."""
     check_adapter_args(h, y, w_down, b_down, w_shared, b_shared, w_up, b_up)
     scale = as_scale(scale)
-    if h.numel() == 0:
+    if h.numel() == 0 or h.dtype == torch.float64:  # the kernels cover fp32 / bf16 / fp16
         from .reference import adapter_residual as ref
         return ref(h, y, w_down, b_down, w_shared, b_shared, w_up, b_up, scale, grad_scale)
-    if torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or w_down.requires_grad
-                                    or b_down.requires_grad or w_shared.requires_grad
-                                    or b_shared.requires_grad or w_up.requires_grad or b_up.requires_grad):
+    params = (w_down, b_down, w_shared, b_shared, w_up, b_up)
+    if torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or any(p.requires_grad for p in params)):
         return _AdapterResidual.apply(h, y, w_down, b_down, w_shared, b_shared, w_up, b_up, scale,
                                       bool(grad_scale))
-    return _forward(h, y, (w_down, b_down, w_shared, b_shared, w_up, b_up), scale, False)[0]
+    return _forward(h, y, params, scale, False)[0]

@@ -4,6 +4,7 @@ Forward, per row (b, l) of x [B, L, D], with P the prompt rows ``start <= l < st
 
     x_new[b, l] = prompts[(b,) l - start]  if l in P  else x[b, l]
     mu = mean_d x_new[b, l],  var = mean_d (x_new[b, l] - mu)^2,  rstd = 1 / sqrt(var + eps)
+    (mu corrected once by the mean of the first residuals, see ``_centre``)
     xhat = (x_new[b, l] - mu) * rstd,  h[b, l] = xhat * weight + bias
 
 Backward with gx = dL/dx_new and gh = dL/dh (either may be absent), gw = gh * weight::
@@ -35,11 +36,25 @@ import functools
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from . import dispatch
 from .common import _cvt, make_configure
 from .reference import check_insert_args
+
+
+@triton.jit
+def _centre(v, keep, eps, D: tl.constexpr):
+    """(v - mu, rstd) of fp32 rows v [M, BLOCK_D] over the ``keep`` columns (0 elsewhere). mu is
+    the row sum / D corrected once by the mean of the first residuals, so a constant row is
+    centred to exactly 0 whatever its magnitude (one-pass fp32 sums are off by ~|v| 2^-24 log D,
+    which 1/sqrt(eps) would amplify)."""
+    mean = tl.sum(v, axis=1) / D
+    xc = tl.where(keep, v - mean[:, None], 0.0)
+    mean += tl.sum(xc, axis=1) / D
+    xc = tl.where(keep, v - mean[:, None], 0.0)
+    return xc, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
 
 
 @triton.jit
@@ -66,10 +81,7 @@ def _fwd(x_ptr, p_ptr, w_ptr, b_ptr, xn_ptr, h_ptr, n_rows, L, n, start, sx_b, s
     out = rows[:, None] * D + cols[None, :]
     mask = row_ok[:, None] & c_ok[None, :]
     tl.store(xn_ptr + out, v, mask=mask)
-    v = v.to(tl.float32)
-    mean = tl.sum(v, axis=1) / D
-    xc = tl.where(c_ok[None, :], v - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    xc, rstd = _centre(v.to(tl.float32), c_ok[None, :], eps, D)
     hv = xc * rstd[:, None]
     if HAS_W:
         hv = hv * _cvt(tl.load(w_ptr + cols, mask=c_ok, other=0.0), act, EMU).to(tl.float32)[None, :]
@@ -88,10 +100,7 @@ def _row_grads(xn_ptr, gx_ptr, gh_ptr, w, rows, row_ok, cols, c_ok, eps, D: tl.c
     gh = tl.zeros(mask.shape, dtype=tl.float32)
     xhat = tl.zeros(mask.shape, dtype=tl.float32)
     if HAS_GH:
-        xn = tl.load(xn_ptr + wide, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(xn, axis=1) / D
-        xc = tl.where(mask, xn - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xc, rstd = _centre(tl.load(xn_ptr + wide, mask=mask, other=0.0).to(tl.float32), mask, eps, D)
         xhat = xc * rstd[:, None]
         gh = tl.load(gh_ptr + wide, mask=mask, other=0.0).to(tl.float32)
         gw = gh
@@ -219,6 +228,7 @@ class _InsertLayerNorm(torch.autograd.Function):
         return x_new, h
 
     @staticmethod
+    @once_differentiable  # a double backward raises instead of silently dropping 2nd-order terms
     def backward(ctx, g_xnew, g_h):
         need_x, need_p, need_w, need_b = ctx.needs_input_grad[:4]
         need_w = need_w and g_h is not None
@@ -260,9 +270,13 @@ class _InsertLayerNorm(torch.autograd.Function):
 def insert_prompts_layernorm(x, prompts, start, weight, bias, eps=1e-5):
     """Triton version of :func:`fastprompt.kernels.reference.insert_prompts_layernorm`."""
     B, L, D, n, start = check_insert_args(x, prompts, start, weight, bias, eps)
-    if x.numel() == 0 or n == 0:
+    if x.numel() == 0 or n == 0 or x.dtype == torch.float64:  # the kernels cover fp32 / bf16 / fp16
         from .reference import insert_prompts_layernorm as ref
         return ref(x, prompts, start, weight, bias, eps)
+    # the kernels read weight / bias with unit stride (a copy only for strided or expanded ones;
+    # differentiable, so their gradients still reach the caller's tensors)
+    weight = None if weight is None else _unit_last(weight)
+    bias = None if bias is None else _unit_last(bias)
     if torch.is_grad_enabled() and (x.requires_grad or prompts.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

@@ -84,7 +84,8 @@ def check_adapter_args(h, y, w_down, b_down, w_shared, b_shared, w_up, b_up) -> 
         pass
     fn = "adapter_residual"
     if not isinstance(h, torch.Tensor) or h.dim() < 1:
-        raise ValueError(f"{fn}: h must be a tensor of shape [..., D], got {type(h).__name__}")
+        got = _shape(h) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"{fn}: h must be a tensor of shape [..., D], got {got}")
     if not h.is_floating_point():
         raise ValueError(f"{fn}: h must be a floating-point tensor, got {h.dtype}")
     D = h.shape[-1]
@@ -145,7 +146,7 @@ def check_insert_args(x, prompts, start, weight, bias, eps) -> tuple[int, int, i
         _expect("weight", weight, (D,), "[D]", fn)
     if bias is not None:
         _expect("bias", bias, (D,), "[D]", fn)
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or eps <= 0:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:  # NaN too
         raise ValueError(f"{fn}: eps must be a positive number, got {eps!r}")
     _same_device(fn, x=x, prompts=prompts, weight=weight, bias=bias)
     return B, L, D, n, start

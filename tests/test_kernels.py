@@ -445,6 +445,82 @@ def test_insert_without_affine():
         assert_close(got, exp, TOL[torch.float32], name)
 
 
+@pytest.mark.parametrize("layout", ["column-of-a-matrix", "expanded-scalar"])
+def test_insert_strided_or_expanded_affine(layout):
+    """weight / bias views whose stride is not 1: read right (the kernels want unit stride), and
+    their gradients reach the tensors they are views of."""
+    x, prompts, weight, bias, gx, gh = make_insert(2, 5, 48, 2, True, seed=7)
+    if layout == "column-of-a-matrix":
+        w_base = torch.stack([weight, -weight], 1).requires_grad_()
+        b_base = torch.stack([bias, -bias], 1).requires_grad_()
+        w, b = w_base[:, 0], b_base[:, 0]
+    else:
+        w_base = torch.tensor([1.3], device=DEV, requires_grad=True)
+        b_base = torch.tensor([0.2], device=DEV, requires_grad=True)
+        w, b = w_base.expand(48), b_base.expand(48)
+    assert w.stride(0) != 1 and b.stride(0) != 1
+    exp_xn, exp_h, (_, _, exp_dw, exp_db) = expected_insert(x, prompts, 1, w, b, 1e-5, gx, gh)
+    with K.use("triton"):
+        x_new, h = K.insert_prompts_layernorm(x, prompts, 1, w, b)
+    assert_close(h, exp_h, TOL[torch.float32], "h")
+    dw, db = torch.autograd.grad((x_new * gx).sum() + (h * gh).sum(), [w_base, b_base])
+    if layout == "column-of-a-matrix":
+        assert_close(dw[:, 0], exp_dw, TOL[torch.float32], "dweight")
+        assert_close(db[:, 0], exp_db, TOL[torch.float32], "dbias")
+        assert dw[:, 1].abs().max() == 0 and db[:, 1].abs().max() == 0
+    else:
+        assert_close(dw, exp_dw.sum().reshape(1), TOL[torch.float32], "dweight")
+        assert_close(db, exp_db.sum().reshape(1), TOL[torch.float32], "dbias")
+
+
+def test_insert_constant_rows_are_centred_exactly():
+    """A row of one large value has variance 0: h must be exactly the bias (a one-pass fp32 mean
+    is off by ~1e-3 here, which rstd = 1/sqrt(eps) would turn into ~0.3), and dx finite."""
+    D = 768
+    x = torch.full((2, 3, D), 12345.678, device=DEV, requires_grad=True)
+    prompts = torch.randn(1, D, generator=torch.Generator().manual_seed(0)).to(DEV)
+    bias = torch.linspace(-1, 1, D, device=DEV)
+    with K.use("triton"):
+        x_new, h = K.insert_prompts_layernorm(x, prompts, 0, None, bias)
+        (dx,) = torch.autograd.grad(h.sum(), x)
+    assert torch.equal(h[:, 1:], bias.expand(2, 2, D))
+    assert torch.isfinite(dx).all() and dx[:, 0].abs().max() == 0
+
+
+def test_fp64_runs_the_reference():
+    """fp64 activations are outside the kernels' dtypes: the Triton entry points hand them to the
+    reference (exact, no launch) instead of failing inside a kernel or rounding to fp32."""
+    x, prompts, weight, bias, _, _ = make_insert(2, 5, 48, 2, True)
+    x, prompts = x.double(), prompts.double()
+    args = _adapter_args()
+    h64, y64 = args["h"].double(), args["y"].double()
+    K.reset_launch_counts()
+    with K.use("triton"):
+        got_insert = K.insert_prompts_layernorm(x, prompts, 1, weight, bias)
+        got_adapter = K.adapter_residual(h64, y64, *list(args.values())[2:], 0.5)
+    assert sum(K.launch_counts.values()) == 0
+    ref_insert = reference.insert_prompts_layernorm(x, prompts, 1, weight, bias)
+    assert got_insert[1].dtype == torch.float64 and torch.equal(got_insert[1], ref_insert[1])
+    ref_adapter = reference.adapter_residual(h64, y64, *list(args.values())[2:], 0.5)
+    assert got_adapter.dtype == torch.float64 and torch.equal(got_adapter, ref_adapter)
+
+
+def test_double_backward_through_a_kernel_raises():
+    """The Triton backwards are first-order only: asking for a second derivative must fail loudly
+    (once_differentiable), not return a gradient that silently lacks the second-order terms."""
+    x, prompts, weight, bias, _, _ = make_insert(2, 5, 48, 2, True)
+    args = _adapter_args()
+    x.requires_grad_()
+    args["h"].requires_grad_()
+    with K.use("triton"):
+        _, h = K.insert_prompts_layernorm(x, prompts, 1, weight, bias)
+        out = K.adapter_residual(*args.values(), 0.5)
+    for loss, leaf in ((h.pow(2).sum(), x), (out.pow(2).sum(), args["h"])):
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_insert_half_precision(dtype):
     x, prompts, weight, bias, gx, gh = make_insert(2, 7, 48, 3, True, dtype=dtype, seed=5)
@@ -550,7 +626,8 @@ def test_adapter_bad_args(backend, name, bad, match):
     (dict(start=-1), r"0 <= start"),
     (dict(weight=torch.zeros(40)), r"weight must have shape \[D\] = \[48\]"),
     (dict(bias=torch.zeros(48, 1)), r"bias must have shape \[D\]"),
-], ids=["x-2d", "prompts-D", "prompts-B", "start-past-end", "start-negative", "weight", "bias"])
+    (dict(eps=float("nan")), r"eps must be a positive number"),
+], ids=["x-2d", "prompts-D", "prompts-B", "start-past-end", "start-negative", "weight", "bias", "eps-nan"])
 def test_insert_bad_args(backend, kw, match):
     x, prompts, weight, bias, _, _ = make_insert(2, 7, 48, 3, True)
     args = dict(x=x, prompts=prompts, start=1, weight=weight, bias=bias)
