@@ -587,6 +587,28 @@ def test_dispatch_forced_triton_on_cpu_needs_interpreter(monkeypatch):
         K.backend_for(torch.zeros(1))
 
 
+def test_every_kernel_launch_compiles_for_hopper(tmp_path):
+    """The compiled path, not the interpreter's Python: every launch the two entry points make
+    (forward and backward, fp32 and bf16, GPU block plans) compiles for sm_90 through Triton, LLVM
+    and ptxas, without spilling registers (see tests/compile_kernels_for_gpu.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)   # really compile, whatever an earlier run cached
+    script = Path(__file__).with_name("compile_kernels_for_gpu.py")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    compiled = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
+    assert {line.split()[1] for line in compiled} == {
+        "adapter._fwd", "adapter._bwd_rows", "adapter._bwd_weights",
+        "insert_layernorm._fwd", "insert_layernorm._bwd"}
+    assert {line.split()[2] for line in compiled} == {"fp32", "bf16"}
+    assert not [line for line in compiled if "LOCAL:" in line and "LOCAL:0" not in line], res.stdout
+
+
 def test_exported_names_survive_kernel_import():
     import importlib
     importlib.import_module("fastprompt.kernels.adapter")
