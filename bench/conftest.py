@@ -65,14 +65,22 @@ def skip_unless_variant_runs(variant: str, env: BenchEnv) -> None:
 
 
 def compiled(fn):
-    """torch.compile(fn); a failure to build skips the test instead of failing the suite."""
-    cfn = torch.compile(fn)
+    """torch.compile(fn, dynamic=False); a failure to build (first call) skips the test instead of
+    failing the suite. Static shapes: dynamo keeps one shape history per function across wrappers,
+    so without it every case after the first of a shared reference would get dynamic-shape kernels."""
+    cfn = torch.compile(fn, dynamic=False)
+    built = False
 
     def call(*args, **kwargs):
-        try:
+        nonlocal built
+        if built:   # later failures (e.g. inside a CUDA-graph capture) propagate as they are
             return cfn(*args, **kwargs)
+        try:
+            out = cfn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - report any compiler failure as a skip
             pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}"[:300])
+        built = True
+        return out
     return call
 
 
@@ -109,6 +117,11 @@ def capture_graph(fn) -> "torch.cuda.CUDAGraph":
     return graph
 
 
+#: why CUDA-graph capture is off for the rest of the session (after one failed: on torch < 2.12 a
+#: failed capture leaves the allocator unable to start another), or None
+_capture_broken: str | None = None
+
+
 def gpu_time(fn, rounds: int = 50) -> tuple[float, str]:
     """(median device ms of one ``fn()``, how it was timed).
 
@@ -118,12 +131,18 @@ def gpu_time(fn, rounds: int = 50) -> tuple[float, str]:
     the replay alone. If capture fails, ``fn()`` itself is bracketed ("events, no graph"): host
     overhead then hides behind the flush only while it is shorter than the flush (~0.1 ms).
     """
+    global _capture_broken
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    try:
-        run, how = capture_graph(fn).replay, "cuda graph, cold L2"
-    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to plain events
-        torch.cuda.synchronize()
-        run, how = fn, f"events, no graph ({type(exc).__name__}), cold L2"
+    run, how = fn, f"events, no graph (capture off since: {_capture_broken}), cold L2"
+    if _capture_broken is None:
+        stream = torch.cuda.current_stream()
+        try:
+            run, how = capture_graph(fn).replay, "cuda graph, cold L2"
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to plain events
+            torch.cuda.set_stream(stream)   # a failed capture_end leaves the capture stream current
+            torch.cuda.synchronize()
+            _capture_broken = f"{type(exc).__name__}: {exc}"[:200]
+            how = f"events, no graph ({_capture_broken}), cold L2"
     marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
              for _ in range(rounds)]
     for begin, end in marks:
@@ -174,3 +193,10 @@ def record_gpu_time(benchmark, fn, bytes_moved: int) -> None:
 def bench(benchmark, env):
     return SimpleNamespace(env=env, run=partial(run_bench, benchmark, env=env),
                            skip_unless=partial(skip_unless_variant_runs, env=env), compiled=compiled)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Keep each benchmark's summary statistics, drop its raw per-round times (up to ~10^5 a
+    benchmark: megabytes per file, too large to bring back from a GPU run or to commit)."""
+    for b in output_json.get("benchmarks", []):
+        b.get("stats", {}).pop("data", None)

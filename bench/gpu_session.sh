@@ -5,12 +5,17 @@
 #   bash bench/gpu_session.sh tests     compiled Triton kernels and the runner on CUDA (test_kernels,
 #                                       test_gpu incl. CUDA-graph steps with text_chunk, test_methods)
 #   bash bench/gpu_session.sh kernels   kernel benchmarks (wall clock + device time), block-size sweep
-#   bash bench/gpu_session.sh methods   training-step / inference / export benchmarks, step profile
+#   bash bench/gpu_session.sh train     training-step benchmarks, then the step profile
+#   bash bench/gpu_session.sh infer     inference and export benchmarks
+#
+# Full logs go to $OUT/*.log as they are written (a command killed at its time limit still brings
+# them back); pytest-benchmark writes its JSON only when a run ends. The exit status is the worst
+# of the steps'.
 #
 # The device image lacks open_clip_torch and ftfy: their wheels travel in .whl/ (ignored through
 # .git/info/exclude; see README "GPU runs"), carried with `carry: [".whl"]`.
 set -uo pipefail
-phase=${1:?usage: bash bench/gpu_session.sh tests|kernels|methods}
+phase=${1:?usage: bash bench/gpu_session.sh tests|kernels|train|infer}
 out=${OUT:-/tmp/fastprompt-gpu}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -25,27 +30,39 @@ stamp="$(date -u +%F)_$(nvidia-smi --query-gpu=name --format=csv,noheader | head
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/versions.txt"
 
+status=0
+step() {  # step LOG CMD...: run CMD, its output appended to $out/LOG and shown; remember failures
+    local log=$1; shift
+    "$@" 2>&1 | tee -a "$out/$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -gt "$status" ] && status=$rc
+    return 0
+}
+bench() {  # bench NAME PYTEST-ARGS...: a benchmark run into $out/${stamp}_NAME.json, then its table
+    local name=$1; shift
+    step "$name.log" python3 -m pytest -q "$@" --benchmark-only --benchmark-json="$out/${stamp}_$name.json"
+    [ -s "$out/${stamp}_$name.json" ] && step "$name.log" python3 -m bench.report "$out/${stamp}_$name.json"
+    return 0
+}
+
 case "$phase" in
 tests)
-    python3 -m pytest -q -x tests/test_kernels.py tests/test_gpu.py tests/test_methods.py \
-        2>&1 | tee "$out/tests.log"
+    step tests.log python3 -m pytest -q --maxfail=20 tests/test_kernels.py tests/test_gpu.py tests/test_methods.py
     ;;
 kernels)
-    python3 -m pytest -q bench/test_kernels_bench.py --benchmark-only \
-        --benchmark-json="$out/${stamp}_kernels.json" 2>&1 | tail -n 40 | tee "$out/kernels.log"
-    FASTPROMPT_BENCH_TUNE=1 python3 -m pytest -q bench/test_kernels_bench.py -k tune --benchmark-only \
-        --benchmark-json="$out/${stamp}_tune.json" 2>&1 | tail -n 5 | tee -a "$out/kernels.log"
-    for f in "$out/${stamp}_kernels.json" "$out/${stamp}_tune.json"; do
-        python3 -m bench.report "$f" | tee -a "$out/kernels.log"
-    done
+    bench kernels bench/test_kernels_bench.py
+    export FASTPROMPT_BENCH_TUNE=1
+    bench tune bench/test_kernels_bench.py -k tune
     ;;
-methods)
-    python3 -m pytest -q bench/test_methods_bench.py bench/test_export_bench.py --benchmark-only \
-        --benchmark-json="$out/${stamp}_methods.json" 2>&1 | tail -n 5 | tee "$out/methods.log"
-    python3 -m bench.report "$out/${stamp}_methods.json" | tee -a "$out/methods.log"
-    python3 -m bench.profile_step --method maple 2>&1 | tail -n 40 | tee -a "$out/methods.log"
+train)
+    bench train bench/test_methods_bench.py -k train_step
+    step train.log python3 -m bench.profile_step --method maple
+    ;;
+infer)
+    bench infer bench/test_methods_bench.py bench/test_export_bench.py -k "not train_step"
     ;;
 *)
-    echo "unknown phase $phase: tests, kernels or methods" >&2; exit 2
+    echo "unknown phase $phase: tests, kernels, train or infer" >&2; exit 2
     ;;
 esac
+exit "$status"

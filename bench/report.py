@@ -27,7 +27,7 @@ def peak_for(device: str) -> float | None:
 def group_key(b: dict) -> str:
     """The benchmark's group plus every parameter but the variant (e.g. the shape case), so that
     each variant is compared with the baseline of the same workload."""
-    params = {k: v for k, v in (b.get("params") or {}).items() if k not in ("variant", "method")}
+    params = {k: v for k, v in (b.get("params") or {}).items() if k not in ("variant", "method", "config")}
     suffix = "".join(f" {v}" for v in params.values())
     return (b.get("group") or b["name"]) + suffix
 
@@ -39,37 +39,49 @@ def rows_of(data: dict) -> dict[str, list[dict]]:
         groups[group_key(b)].append({
             "variant": info.get("variant", b["name"]), "median": b["stats"]["median"],
             "images": info.get("images"), "gbps": info.get("gbps"), "flops": info.get("flops"),
-            "device": info.get("device", ""), "gpu_ms": info.get("gpu_ms"), "gpu_gbps": info.get("gpu_gbps")})
+            "device": info.get("device", ""), "gpu_ms": info.get("gpu_ms"), "gpu_gbps": info.get("gpu_gbps"),
+            "graph": str(info.get("gpu_timing", "")).startswith("cuda graph"), "peak_mib": info.get("peak_mib")})
     return groups
+
+
+def is_baseline(variant: str) -> bool:
+    """The row a group's speed-ups are relative to: `baseline`, or `default` in a block-size sweep."""
+    return variant == "baseline" or variant.endswith("[default]")
 
 
 def _gpu_columns(r: dict, base_ms: float | None) -> str:
     if not r["gpu_ms"]:
-        return f"{'':>9} {'':>8} {'':>8}"
+        return f"{'':>10} {'':>8} {'':>8}"
     speed = f"{base_ms / r['gpu_ms']:.2f}x" if base_ms else ""
     gbps = f"{r['gpu_gbps']:.0f}" if r["gpu_gbps"] else ""
-    return f"{r['gpu_ms']:9.4f} {speed:>8} {gbps:>8}"
+    return f"{r['gpu_ms']:9.4f}{' ' if r['graph'] else '*'} {speed:>8} {gbps:>8}"
 
 
 def table(data: dict) -> str:
     groups = rows_of(data)
-    gpu = any(r["gpu_ms"] for rows in groups.values() for r in rows)
-    lines = [f"{'group':34} {'variant':16} {'median ms':>10} {'speed-up':>9} {'img/s':>10} "
+    every = [r for rows in groups.values() for r in rows]
+    gpu, peak = any(r["gpu_ms"] for r in every), any(r["peak_mib"] for r in every)
+    gw = max([34, *map(len, groups)])
+    vw = max([16, *(len(r["variant"]) for r in every)])
+    lines = [f"{'group':{gw}} {'variant':{vw}} {'median ms':>10} {'speed-up':>9} {'img/s':>10} "
              f"{'GB/s':>8} {'TFLOP/s':>8} {'% peak':>7}"
-             + (f" {'GPU ms':>9} {'GPU x':>8} {'GPU GB/s':>8}" if gpu else "")]
+             + (f" {'GPU ms':>10} {'GPU x':>8} {'GPU GB/s':>8}" if gpu else "")
+             + (f" {'peak MiB':>9}" if peak else "")]
     for group, rows in sorted(groups.items()):
-        base = next((r["median"] for r in rows if r["variant"] == "baseline"), None)
-        base_gpu = next((r["gpu_ms"] for r in rows if r["variant"] == "baseline"), None)
-        for r in sorted(rows, key=lambda r: r["variant"] != "baseline"):
-            speed = f"{base / r['median']:.2f}x" if base else ""
+        base = next((r for r in rows if is_baseline(r["variant"])), None)
+        for r in sorted(rows, key=lambda r: not is_baseline(r["variant"])):
+            speed = f"{base['median'] / r['median']:.2f}x" if base else ""
             ips = f"{r['images'] / r['median']:.1f}" if r["images"] else ""
             gbps = f"{r['gbps']:.0f}" if r["gbps"] else ""
             tflops = r["flops"] / r["median"] / 1e12 if r["flops"] else None
-            peak = peak_for(r["device"]) if tflops else None
-            lines.append(f"{group:34} {r['variant']:16} {r['median'] * 1e3:10.3f} {speed:>9} "
+            pk = peak_for(r["device"]) if tflops else None
+            lines.append(f"{group:{gw}} {r['variant']:{vw}} {r['median'] * 1e3:10.3f} {speed:>9} "
                          f"{ips:>10} {gbps:>8} {'' if tflops is None else f'{tflops:.1f}':>8} "
-                         f"{'' if not peak else f'{100 * tflops / peak:.1f}':>7}"
-                         + (" " + _gpu_columns(r, base_gpu) if gpu else ""))
+                         f"{'' if not pk else f'{100 * tflops / pk:.1f}':>7}"
+                         + (" " + _gpu_columns(r, base and base["gpu_ms"]) if gpu else "")
+                         + (f" {r['peak_mib'] or '':>9}" if peak else ""))
+    if gpu and not all(r["graph"] for r in every if r["gpu_ms"]):
+        lines.append("* device time without a CUDA graph (capture failed): host overhead may be included")
     return "\n".join(lines)
 
 

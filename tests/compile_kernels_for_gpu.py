@@ -69,13 +69,15 @@ def recorded_launches(modules):
 
 
 def drive(adapter, insert):
-    """Forward + backward of both kernels, fp32 and bf16, at ViT-B/16 widths (small token counts;
-    the adapter also at R = 64 in bf16, the widest plan)."""
+    """Forward + backward of both kernels, fp32 and bf16, at ViT-B/16 widths: few tokens (the
+    plans' small-T blocks), the adapter also at R = 64 and at 16896 tokens (4 programs of 32 tokens
+    per SM: the large-T block of the plan, as for batch-100 inference)."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for D, R in ((768, 32),) if dtype == torch.float32 else ((768, 32), (512, 64)):
-            h = torch.randn(2, 9, D, generator=gen).to(dtype).requires_grad_()
-            y = torch.randn(2, 9, D, generator=gen).to(dtype).requires_grad_()
+        cases = ((9, 768, 32),) if dtype == torch.float32 else ((9, 768, 32), (9, 512, 64), (8448, 768, 32))
+        for L, D, R in cases:
+            h = torch.randn(2, L, D, generator=gen).to(dtype).requires_grad_()
+            y = torch.randn(2, L, D, generator=gen).to(dtype).requires_grad_()
             params = [torch.randn(*s, generator=gen).requires_grad_() for s in ((R, D), (R,), (R, R), (R,), (D, R), (D,))]
             out = adapter.adapter_residual(h, y, *params, 0.1)
             out.backward(torch.ones_like(out))
