@@ -176,6 +176,8 @@ ADAPTER_TUNE = {
     "B-DB128": dict(BLOCK_DB=128),
     "B-TB128": dict(BLOCK_TB=128),
     "B-splits-x2": dict(splits=24),
+    "T32-bwdT16": dict(BLOCK_T=32, BLOCK_T_BWD=16),   # forward on 32 tokens, register-heavy backward on 16
+    "bwdT32": dict(BLOCK_T_BWD=32),
 }
 INSERT_TUNE = {"default": {}, "M2": dict(BLOCK_M=2), "M8": dict(BLOCK_M=8, num_warps=8),
                "w8": dict(num_warps=8), "w2": dict(num_warps=2), "bwd-w4": dict(bwd_warps=4),

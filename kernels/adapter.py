@@ -23,7 +23,7 @@ Kernels (e = element size of the activations; D and R are compile-time constants
   y / out in BLOCK_DO chunks (the next y chunk is loaded before the current one is stored).
   HBM: read h, y, write out = 3 T D e (+ 8 T R for a1, a2 when a backward will follow). The
   weights (3 R D + R^2 values) are re-read by every program from L2.
-* ``_bwd_rows``, grid cdiv(T, BLOCK_T): streams g -> da2, then dz2, dz1 in registers, then
+* ``_bwd_rows``, grid cdiv(T, BLOCK_T_BWD) (= BLOCK_T unless tuned): streams g -> da2, then dz2, dz1 in registers, then
   writes dh = s dz1 W_d; writes dz1 (fp32) when dW_d is needed and one partial row
   [dW_s | db_s | db_d] per program. HBM: read g, write dh = 2 T D e (+ narrow [T, R] terms).
 * ``_bwd_weights``, grid (cdiv(D, BLOCK_DB), S): program (j, s) accumulates columns j of dW_u,
@@ -249,8 +249,8 @@ def _bwd_weights(g_ptr, h_ptr, act_ptr, scr_ptr, T, stride_g, stride_h, per_spli
 
 
 # ------------------------------------------------------------------------------------ host side
-#: Block-size overrides by name (BLOCK_T, BLOCK_D, BLOCK_DO, num_warps, num_stages, BLOCK_TB,
-#: BLOCK_DB, warps_b, splits); for tests and tuning runs: use ``configure(...)``.
+#: Block-size overrides by name (BLOCK_T, BLOCK_T_BWD, BLOCK_D, BLOCK_DO, num_warps, num_stages,
+#: BLOCK_TB, BLOCK_DB, warps_b, splits); for tests and tuning runs: use ``configure(...)``.
 _OVERRIDES: dict = {}
 
 
@@ -269,21 +269,22 @@ def _plan(T: int, D: int, R: int, dtype: torch.dtype, dev: int, tf32: bool) -> S
     else:  # interpreter: small tiles, so the tests cover several D chunks and token blocks
         block_t, block_d, block_do, block_tb, block_db, warps, stages = 16, 32, 64, 32, 32, 4, 1
     block_t, block_d, block_do = o.get("BLOCK_T", block_t), o.get("BLOCK_D", block_d), o.get("BLOCK_DO", block_do)
-    block_tb, block_db = max(o.get("BLOCK_TB", block_tb), block_t), o.get("BLOCK_DB", block_db)
+    block_t_bwd = o.get("BLOCK_T_BWD", block_t)   # the backward's rows kernel (register-heavier)
+    block_tb, block_db = max(o.get("BLOCK_TB", block_tb), block_t_bwd), o.get("BLOCK_DB", block_db)
     meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_DO=block_do, BLOCK_R=block_r, D=D, R=R, **flags,
                 num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
-    n_rows = triton.cdiv(T, block_t)
+    n_rows, n_rows_bwd = triton.cdiv(T, block_t), triton.cdiv(T, block_t_bwd)
     # token splits of the weight kernel: ~2 programs per SM; a split is whole blocks of both kernels
     n_db = triton.cdiv(D, block_db)
     want = o.get("splits", max(1, triton.cdiv(2 * sms, n_db)))
     per_split = triton.cdiv(triton.cdiv(T, block_tb), min(want, triton.cdiv(T, block_tb))) * block_tb
     splits = triton.cdiv(T, per_split)
-    assert per_split % block_t == 0, "a token split must be whole blocks of the rows kernel"
-    meta_b = dict(BLOCK_T=block_tb, BLOCK_D=block_db, BLOCK_R=block_r, ROWS_BLOCK_T=block_t, D=D, R=R, **flags,
+    assert per_split % block_t_bwd == 0, "a token split must be whole blocks of the rows kernel"
+    meta_b = dict(BLOCK_T=block_tb, BLOCK_D=block_db, BLOCK_R=block_r, ROWS_BLOCK_T=block_t_bwd, D=D, R=R, **flags,
                   BLOCK_NW=triton.next_power_of_2(R * R + 2 * R), num_warps=o.get("warps_b", 8 if dev >= 0 else 4),
                   num_stages=meta["num_stages"])
-    return SimpleNamespace(meta=meta, meta_b=meta_b, n_rows=n_rows, n_db=n_db, splits=splits,
-                           per_split=per_split, nw=R * R + 2 * R)
+    return SimpleNamespace(meta=meta, meta_rows={**meta, "BLOCK_T": block_t_bwd}, meta_b=meta_b, n_rows=n_rows,
+                           n_rows_bwd=n_rows_bwd, n_db=n_db, splits=splits, per_split=per_split, nw=R * R + 2 * R)
 
 
 configure = make_configure(_OVERRIDES, _plan)
@@ -352,23 +353,23 @@ class _AdapterResidual(torch.autograd.Function):
             offs[name] = P
             P += size if need else 0
         narrow_off = T * R if need_wd else 0
-        ws_off = narrow_off + (plan.n_rows * plan.nw if need_narrow else 0)
+        ws_off = narrow_off + (plan.n_rows_bwd * plan.nw if need_narrow else 0)
         run_weights = need_wu or need_bu or need_wd or need_narrow
         scratch = torch.empty(max(1, ws_off + (plan.splits * P if run_weights else 0)), device=g.device,
                               dtype=torch.float32)
         dh = torch.empty(h_shape, device=g.device, dtype=h2.dtype) if need_h else scratch
         if need_h or need_wd or need_narrow:
             dispatch.record_launch("adapter_residual_bwd_rows")
-            _bwd_rows[(plan.n_rows,)](
+            _bwd_rows[(plan.n_rows_bwd,)](
                 g2, acts, dh, scratch, wd, ws, wu, T, stride_g, scale, narrow_off,
-                NEED_DH=need_h, NEED_DZ1=need_wd, NEED_NARROW=need_narrow, **plan.meta)
+                NEED_DH=need_h, NEED_DZ1=need_wd, NEED_NARROW=need_narrow, **plan.meta_rows)
         grads = [None] * 6
         if run_weights:
             wide = need_wu or need_bu or need_wd
             dispatch.record_launch("adapter_residual_bwd_weights")
             _bwd_weights[(plan.n_db if wide else 1, plan.splits)](
                 g2, h2, acts, scratch, T, stride_g, stride_h, plan.per_split,
-                plan.n_rows, narrow_off, ws_off, P, offs["wu"], offs["bu"], offs["wd"], offs["narrow"],
+                plan.n_rows_bwd, narrow_off, ws_off, P, offs["wu"], offs["bu"], offs["wd"], offs["narrow"],
                 NEED_WU=need_wu, NEED_BU=need_bu, NEED_WD=need_wd, NEED_NARROW=need_narrow, **plan.meta_b)
             flat = scratch[ws_off:].view(plan.splits, P)
             flat = flat.sum(0) if plan.splits > 1 else flat[0]

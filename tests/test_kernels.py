@@ -329,6 +329,24 @@ def test_adapter_half_precision(dtype, shape, D, R):
         assert_vs_eager(got, ref, exp, dtype, name)
 
 
+def test_adapter_backward_rows_block_differs_from_forward():
+    """BLOCK_T_BWD (a tuning knob): the backward's rows kernel on 32-token blocks while the forward
+    keeps 16; the weight kernel's splits and the folded partials follow the backward's blocks."""
+    fast = dispatch.implementation("adapter")
+    h, y, params, g = make_adapter((70,), 96, 32, seed=10)
+    try:
+        fast.configure(BLOCK_T_BWD=32, splits=2)
+        plan = fast._plan(70, 96, 32, torch.float32, -1, False)
+        assert (plan.meta["BLOCK_T"], plan.meta_rows["BLOCK_T"], plan.n_rows, plan.n_rows_bwd) == (16, 32, 5, 3)
+        out, grads, _ = run_adapter(triton_call(K.adapter_residual), h, y, params, 0.7, True, g)
+        exp_out, exp_grads = expected_adapter(h, y, params, 0.7, True, g)
+        assert_close(out, exp_out, TOL[torch.float32], "out")
+        for name, got, exp in zip(ADAPTER_GRADS, grads, exp_grads):
+            assert_close(got, exp, TOL[torch.float32], name)
+    finally:
+        fast.configure()
+
+
 def test_adapter_token_splits_and_partials():
     """Weight gradients reduced over several token splits (each folding two rows-kernel partials)
     and a ragged last split; bf16 parameters get their gradients rounded once."""
