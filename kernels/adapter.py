@@ -47,8 +47,8 @@ from types import SimpleNamespace
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from .common import _cvt, make_configure

@@ -36,8 +36,8 @@ import functools
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from .common import _cvt, make_configure
