@@ -54,18 +54,20 @@ def recorded_launches(modules):
     get_device, sm_count = torch.Tensor.get_device, dispatch.sm_count
     torch.Tensor.get_device = lambda self: 0
     dispatch.sm_count = lambda index: 132
-    for mod in modules:
-        if hasattr(mod, "_plan"):
-            mod._plan.cache_clear()
+    _forget_plans(modules)
     try:
         yield launches
     finally:
         torch.Tensor.get_device, dispatch.sm_count = get_device, sm_count
         for mod, name, fn in saved:
             setattr(mod, name, fn)
-        for mod in modules:
-            if hasattr(mod, "_plan"):
-                mod._plan.cache_clear()
+        _forget_plans(modules)   # no GPU plan cached for the CPU device index stays behind
+
+
+def _forget_plans(modules) -> None:
+    for mod in modules:
+        if hasattr(mod, "_plan"):
+            mod._plan.cache_clear()
 
 
 def drive(adapter, insert):
