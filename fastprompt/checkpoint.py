@@ -50,6 +50,17 @@ def save(model, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
     return run
 
 
+def check_fingerprint(src: dict, clip: Clip, run_dir) -> None:
+    """The backbone weights must be those the run was trained on (runs saved before fingerprints
+    were recorded are not checked)."""
+    want = src.get("fingerprint")
+    if want and clip.fingerprint != want:
+        raise CheckpointError(f"the backbone weights ({clip.name}, {clip.pretrained}) differ from those "
+                              f"{run_dir} was trained on (fingerprint {clip.fingerprint}, recorded "
+                              f"{want}): the checkpoint file was replaced or open_clip changed its "
+                              f"init; restore the original weights")
+
+
 def read_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -71,11 +82,14 @@ def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | Non
         raise CheckpointError(f"{run_dir} holds a '{config['method']}' model, not '{method}'")
     src = config["backbone"]
     if clip is None:
-        clip = load_clip(src["model"], src["pretrained"], seed=src["seed"], device=device or "cpu")
+        clip = load_clip(src["model"], src["pretrained"], seed=src["seed"], device=device or "cpu",
+                         quick_gelu=src.get("quick_gelu"))
     elif clip.name != src["model"] or clip.pretrained != src["pretrained"] or (
-            src["pretrained"] is None and clip.seed != src["seed"]):
+            src["pretrained"] is None and clip.seed != src["seed"]) or (
+            src.get("quick_gelu") is not None and clip.quick_gelu != src["quick_gelu"]):
         raise CheckpointError(f"{run_dir} was trained on backbone {src}, not {clip.source}: "
                               f"pass clip=None or the matching backbone")
+    check_fingerprint(src, clip, run_dir)
     model = create(config["method"], clip, config["classnames"], **config["options"])
     weights = Path(run_dir) / WEIGHTS
     if not weights.is_file():

@@ -3,6 +3,12 @@
 open_clip builds the model, loads weights, tokenizes; fastprompt's own forward pass lives in
 `backbone.py`. Only ViT image towers with open_clip's standard causal text transformer are
 supported; anything else is refused here, with the reason, before any method touches it.
+
+The MLP activation is the one the weights were trained with: OpenAI's CLIP used QuickGELU
+(x * sigmoid(1.702 x)) while open_clip builds `ViT-B-16` with GELU unless told otherwise, and
+only warns. `activation.py` decides it (tag config, OpenAI release files, explicit choice) and
+`Clip.source` records it with a fingerprint of the weights, so `fastprompt.load` and the exporters
+rebuild the same network and notice other weights.
 """
 from __future__ import annotations
 
@@ -46,10 +52,16 @@ class Clip:
     mean: tuple = OPENAI_MEAN
     std: tuple = OPENAI_STD
     extra: dict = field(default_factory=dict)
+    quick_gelu: bool = False
+    #: sampled fingerprint of the backbone's weights (see `weights_fingerprint`)
+    fingerprint: str = ""
 
     @property
     def source(self) -> dict:
-        return {"model": self.name, "pretrained": self.pretrained, "seed": self.seed}
+        """What rebuilds this backbone: name, weights (tag or absolute path), init seed, the
+        activation, and the weights' fingerprint (checked by `fastprompt.load`)."""
+        return {"model": self.name, "pretrained": self.pretrained, "seed": self.seed,
+                "quick_gelu": self.quick_gelu, "fingerprint": self.fingerprint}
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
@@ -64,28 +76,36 @@ class Clip:
 
 
 def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int = 0,
-              device: str | torch.device = "cpu") -> Clip:
+              device: str | torch.device = "cpu", quick_gelu: bool | None = None) -> Clip:
     """Build a frozen CLIP.
 
     name: an open_clip model name (`ViT-B-16`), `tiny` (built in), or `hf-hub:org/repo`.
     pretrained: None (random init from `seed`), an open_clip tag (`openai`, `laion2b_s34b_b88k`),
-    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format). For `tiny`,
-    a bare tag names a file shipped in fastprompt/weights/: `shapes` (see `python -m
-    fastprompt.pretrain`).
+    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format, incl. OpenAI's
+    released TorchScript file). For `tiny`, a bare tag names a file shipped in fastprompt/weights/:
+    `shapes` (see `python -m fastprompt.pretrain`).
+    quick_gelu: the MLP activation; None decides it from the weights (see `activation.py`).
     """
     import open_clip
 
+    from .activation import resolve_quick_gelu
+
     if pretrained is not None and not isinstance(pretrained, str):
         raise BackboneError(f"pretrained must be a tag or a file path, got {type(pretrained).__name__}")
+    if pretrained is not None and os.path.isfile(os.path.expanduser(pretrained)):
+        pretrained = os.path.abspath(os.path.expanduser(pretrained))  # loadable from anywhere
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name in TINY_NAMES:
+            if quick_gelu:
+                raise BackboneError("the tiny backbone is built with GELU: drop quick_gelu=True")
             model = open_clip.model.CLIP(**TINY_CONFIG)
             tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=77)
             if pretrained is not None:
                 _load_local_weights(model, pretrained, name)
         else:
-            model, tokenizer = _create_open_clip(open_clip, name, pretrained)
+            quick_gelu, release_state = resolve_quick_gelu(open_clip, name, pretrained, quick_gelu)
+            model, tokenizer = _create_open_clip(open_clip, name, pretrained, quick_gelu, release_state)
     check_supported(model, name)
     model.eval()
     for p in model.parameters():
@@ -94,12 +114,16 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int =
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    from .activation import uses_quick_gelu, weights_fingerprint
+
     return Clip(model=model, name=name, pretrained=pretrained, seed=seed, tokenizer=tokenizer,
                 image_size=image_size, mean=tuple(pp.get("mean", OPENAI_MEAN)),
-                std=tuple(pp.get("std", OPENAI_STD)))
+                std=tuple(pp.get("std", OPENAI_STD)), quick_gelu=uses_quick_gelu(model),
+                fingerprint=weights_fingerprint(model))
 
 
-def _create_open_clip(open_clip, name: str, pretrained: str | None):
+def _create_open_clip(open_clip, name: str, pretrained: str | None, quick_gelu: bool,
+                      release_state: dict | None):
     known = set(open_clip.list_models())
     if not name.startswith(("hf-hub:", "local-dir:")) and name not in known:
         raise BackboneError(f"unknown model '{name}': use 'tiny', an open_clip name such as ViT-B-16 "
@@ -112,7 +136,11 @@ def _create_open_clip(open_clip, name: str, pretrained: str | None):
             raise BackboneError(f"unknown pretrained tag '{pretrained}' for {name}: choose one of "
                                 f"{', '.join(tags) or '(none)'} or give a checkpoint file")
     try:
-        model = open_clip.create_model(name, pretrained=pretrained)
+        # files in OpenAI's release format are read by activation.py; open_clip reads the rest
+        model = open_clip.create_model(name, pretrained=None if release_state is not None else pretrained,
+                                       force_quick_gelu=quick_gelu)
+        if release_state is not None:
+            model.load_state_dict(release_state)
     except RuntimeError as e:  # open_clip raises RuntimeError for weights that don't fit
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BackboneError(f"could not load weights '{pretrained}' into {name}: {first}") from None
