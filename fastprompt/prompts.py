@@ -1,9 +1,10 @@
 """Hand-written text prompts: tokens, frozen token embeddings and where each part sits.
 
-A `PromptTemplate` holds, for a list of class names, the tokenized sentences
-`"{prefix} {name}{suffix}"` (CoOp replaces `_` in names with spaces), their frozen token
-embeddings [C, L, D], the end-of-text rows, and the row where each class name starts. Methods
-substitute learnable rows into `embeddings` (context after SOS, label embeddings over the name).
+A `PromptTemplate` holds, for a list of class names, the tokenized sentences `fmt.format(name)`
+(e.g. "a photo of a {}." or CoOp's "a photo of a {}, a type of pet."; CoOp replaces `_` in names
+with spaces), their frozen token embeddings [C, L, D], the end-of-text rows, and the row where each
+class name starts. Methods substitute learnable rows into `embeddings` (context after SOS, label
+embeddings over the name).
 """
 from __future__ import annotations
 
@@ -13,29 +14,48 @@ from torch import nn
 from .backbone import Backbone
 
 
+#: the prompt ensemble of CoOp's ZeroshotCLIP2 (CoOp trainers/imagenet_templates.py,
+#: IMAGENET_TEMPLATES_SELECT); it appends the dataset's own template except on ImageNet
+ENSEMBLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                      "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                      "a photo of the small {}.")
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
 def clean_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def check_template(fmt: str) -> str:
+    """A prompt template: text with exactly one `{}` where the class name goes."""
+    if not isinstance(fmt, str) or fmt.count("{}") != 1:
+        raise ValueError(f"prompt template {fmt!r} must hold exactly one '{{}}' for the class name, "
+                         f"e.g. 'a photo of a {{}}.'")
+    return fmt
+
+
 class PromptTemplate(nn.Module):
     def __init__(self, backbone: Backbone, classnames: list[str], prefix: str = "a photo of a",
-                 suffix: str = "."):
+                 suffix: str = ".", fmt: str | None = None):
+        """Sentences `fmt` with each class name in its `{}`; without `fmt`, "{prefix} {}{suffix}"."""
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("empty class list: give at least one class name")
         self.classnames = [str(c) for c in classnames]
-        self.prefix, self.suffix = prefix, suffix
+        self.fmt = check_template(fmt if fmt is not None else
+                                  (f"{prefix} {{}}" if prefix else "{}") + suffix)
+        before, after = self.fmt.split("{}")
         names = [clean_name(c) for c in self.classnames]
-        texts = [" ".join(t for t in (prefix, n) if t) + suffix for n in names]
+        texts = [before + n + after for n in names]
         device = backbone.model.logit_scale.device
         tokens = backbone.clip.tokenize(texts)
         #: max(eot) + 1: the text tokens that matter (a host int: no device sync when truncating)
         self.used_tokens = int(backbone.eot_index(tokens).max()) + 1
         tokens = tokens.to(device)
         eot = backbone.eot_index(tokens)
-        bare = backbone.clip.tokenize([prefix + suffix]).to(device)
+        bare = backbone.clip.tokenize([before + after]).to(device)
         #: first row of the class name (row 0 is SOS)
-        self.name_start = int(backbone.eot_index(bare)[0]) - self.n_tokens(backbone, suffix)
+        self.name_start = 1 + self.n_tokens(backbone, before.strip())
         #: BPE tokens of each class name
         self.name_lengths = (eot - backbone.eot_index(bare)[0]).tolist()
         if min(self.name_lengths) < 1:
@@ -60,7 +80,7 @@ class PromptTemplate(nn.Module):
     @property
     def key(self) -> tuple:
         """Identifies the prompt sentences (for caches of values computed from them)."""
-        return (self.prefix, self.suffix, tuple(self.classnames))
+        return (self.fmt, tuple(self.classnames))
 
     def __len__(self) -> int:
         return len(self.classnames)

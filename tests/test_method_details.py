@@ -8,7 +8,7 @@ from fastprompt.backbone import TowerHooks
 
 from common import CLASSNAMES, images, perturb, tiny_clip
 
-VIT_B16_COUNTS = {"coop": 2048, "cocoop": 35360, "maple": 3555072, "ivlp": 23040, "mma": 674560,
+VIT_B16_COUNTS = {"coop": 2048, "cocoop": 35360, "maple": 3555072, "ivlp": 30720, "mma": 674560,
                   "zeroshot": 0}
 
 
@@ -22,6 +22,8 @@ def count(model):
 
 
 def test_vit_b16_parameter_counts(vit_b16):
+    """Counts of METHODS.md; IVLP at the released scripts' depth 12 in both towers
+    (multimodal-prompt-learning configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml)."""
     names = ["dog", "cat", "sports car", "golden retriever", "tench"]
     for method, n in VIT_B16_COUNTS.items():
         assert count(fp.create(method, vit_b16, names)) == n, method
@@ -140,8 +142,16 @@ def test_lamm_loss_terms():
 def test_maple_lamm_released_layout_puts_label_over_of():
     clip = tiny_clip()
     paper = fp.create("maple+lamm", clip, CLASSNAMES)
-    released = fp.create("maple+lamm", clip, CLASSNAMES, released_code=True)
+    released = fp.create("maple+lamm", clip, CLASSNAMES, label_layout="of")
     assert paper.label_start == 5 and released.label_start == 3
+    # the layout and the parameter-term weight are separate options; released_code sets both
+    assert released.config.param_term_weight == paper.config.param_term_weight == 1 / 16
+    both = fp.create("maple+lamm", clip, CLASSNAMES, released_code=True, shots=16)
+    assert both.label_start == 3 and both.config.param_term_weight == 1.0
+    lamm = fp.create("lamm", clip, CLASSNAMES, released_code=True)  # CoOp trainer: over the name
+    assert lamm.label_start == lamm.template.name_start and lamm.config.param_term_weight == 1.0
+    with pytest.raises(ValueError, match="only for maple\\+lamm"):
+        fp.create("coop+lamm", clip, CLASSNAMES, label_layout="of")
     # released code: label starts from (and is pulled toward) the class token, placed over "of";
     # t0 is the plain prompt, so its row 3 is "of"
     assert torch.equal(released.label_emb, paper.label_emb)

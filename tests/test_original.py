@@ -37,7 +37,8 @@ CASES = {  # case: (method, create options, original config)
             {"ADAPTER_SCALE": 0.01, "TEXT_CTX_INIT": "a photo of a"}),
     "lamm": ("lamm", {"shots": 1}, {"origin_clip": True}),
     "coop+lamm": ("coop+lamm", {"shots": 4}, {"shots": 4, "TRAINER.COOP.CTX_INIT": "a photo of a"}),
-    "maple+lamm": ("maple+lamm", {"released_code": True, "shots": 1, "depth": 3}, None),
+    "maple+lamm": ("maple+lamm", {"label_layout": "of", "shots": 1, "depth": 3}, None),
+    "maple+lamm-16": ("maple+lamm", {"label_layout": "of", "shots": 16, "depth": 3}, {"shots": 16}),
 }
 REGISTERED = {"coop": "prompt_learner", "cocoop": "prompt_learner", "lamm": "prompt_learner",
               "coop+lamm": "prompt_learner", "maple": "MultiModalPromptLearner",

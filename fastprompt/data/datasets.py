@@ -49,21 +49,29 @@ class Spec(NamedTuple):
     image_dir: str       # under dataset_dir ("" = dataset_dir itself)
     split_file: str = ""
     renames: dict | None = None
+    template: str = "a photo of a {}."  # zero-shot prompt: CUSTOM_TEMPLATES of CoOp trainers/zsclip.py
 
 
 SPECS = {
     "imagenet": Spec("ImageNet", "imagenet", "images"),
     "caltech101": Spec("Caltech101", "caltech-101", "101_ObjectCategories",
                        "split_zhou_Caltech101.json", CALTECH_NEW_CNAMES),
-    "oxford_pets": Spec("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "oxford_pets": Spec("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                        template="a photo of a {}, a type of pet."),
     "stanford_cars": Spec("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
-    "oxford_flowers": Spec("OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
-    "food101": Spec("Food101", "food-101", "images", "split_zhou_Food101.json"),
-    "fgvc_aircraft": Spec("FGVCAircraft", "fgvc_aircraft", "images"),
+    "oxford_flowers": Spec("OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                           template="a photo of a {}, a type of flower."),
+    "food101": Spec("Food101", "food-101", "images", "split_zhou_Food101.json",
+                    template="a photo of {}, a type of food."),
+    "fgvc_aircraft": Spec("FGVCAircraft", "fgvc_aircraft", "images",
+                          template="a photo of a {}, a type of aircraft."),
     "sun397": Spec("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json"),
-    "dtd": Spec("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json"),
-    "eurosat": Spec("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", EUROSAT_NEW_CNAMES),
-    "ucf101": Spec("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "dtd": Spec("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json",
+                template="{} texture."),
+    "eurosat": Spec("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", EUROSAT_NEW_CNAMES,
+                    template="a centered satellite photo of {}."),
+    "ucf101": Spec("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
+                   template="a photo of a person doing {}."),
     "imagenetv2": Spec("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val"),
     "imagenet_sketch": Spec("ImageNetSketch", "imagenet-sketch", "images"),
     "imagenet_a": Spec("ImageNetA", "imagenet-adversarial", "imagenet-a"),
@@ -257,14 +265,16 @@ def _load_imagenet_family(name: str, spec: Spec, root) -> DatasetSplits:
                         f"classnames.txt ({len(bad)} such folders) — use ImageNet's classnames.txt "
                         f"from CoOp's DATASETS.md ({COOP_DOC})")
     data = []
-    for tree in trees:
+    for tree in trees:  # images in os.listdir order, as CoOp's imagenet.py lists them (Dassl's
+        # few-shot draw then picks the same files as the original code on this file system)
         items = read_class_tree(tree, label_of, classnames, f"is not a class of {trees[0]} — "
-                                f"remove it or restore the missing train folder")
+                                f"remove it or restore the missing train folder",
+                                listdir_order=name == "imagenet")
         if not items:
             raise DataError(f"no images found in {tree} — {_fix(spec)}")
         data.append(items)
     if name == "imagenet":  # as CoOp: val is the test set, and also serves as val
-        return DatasetSplits(name, classnames, data[0], data[1], data[1])
+        return DatasetSplits(name, classnames, data[0], data[1], data[1], val_is_test=True)
     return DatasetSplits(name, classnames, [], [], data[0])
 
 
@@ -305,6 +315,22 @@ def _ensure_registry() -> None:
             register_dataset(name, loader, aliases)
 
 
+def canonical_name(name: str) -> str:
+    """The registered name of a dataset (aliases: CoOp names, any case, - or _); DataError if unknown."""
+    _ensure_registry()
+    canonical = _ALIASES.get(_key(str(name)))
+    if canonical is None:
+        raise DataError(f"unknown dataset {name!r} — choose one of: {', '.join(list_datasets())}")
+    return canonical
+
+
+def zero_shot_template(name: str) -> str:
+    """CoOp's zero-shot prompt for a dataset (CUSTOM_TEMPLATES); "a photo of a {}." for folders
+    and generated datasets."""
+    spec = SPECS.get(canonical_name(name))
+    return spec.template if spec else "a photo of a {}."
+
+
 def list_datasets() -> list[str]:
     """Canonical names accepted by :func:`load_dataset` (aliases: CoOp names, any case, - or _)."""
     _ensure_registry()
@@ -313,8 +339,4 @@ def list_datasets() -> list[str]:
 
 def load_dataset(name: str, root=None, **options) -> DatasetSplits:
     """Load dataset ``name`` from ``root``; ``options`` go to its loader (e.g. ``seed``)."""
-    _ensure_registry()
-    canonical = _ALIASES.get(_key(str(name)))
-    if canonical is None:
-        raise DataError(f"unknown dataset {name!r} — choose one of: {', '.join(list_datasets())}")
-    return _REGISTRY[canonical](root, **options)
+    return _REGISTRY[canonical_name(name)](root, **options)

@@ -44,17 +44,26 @@ def classname_of(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
+def listed_images(folder: str) -> list[str]:
+    """Image files directly in ``folder`` in ``os.listdir`` order, hidden ones skipped (Dassl's
+    ``listdir_nohidden`` without sorting, as CoOp's ImageNet reader calls it)."""
+    return [os.path.join(folder, f) for f in os.listdir(folder)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def read_class_tree(tree: str, label_of: dict[str, int], classnames: list[str],
                     unknown: str = "has no counterpart in the train/ tree — add it to train/ or "
-                                   "remove it") -> list[Datum]:
-    """Every image of `tree`'s class folders, labelled by `label_of`; a folder not in it raises
+                                   "remove it", listdir_order: bool = False) -> list[Datum]:
+    """Every image of `tree`'s class folders, labelled by `label_of` (sorted and recursive, or
+    `listdir_order`: one level in file-system order); a folder not in `label_of` raises
     DataError('class folder PATH ' + unknown)."""
     items = []
+    find = listed_images if listdir_order else image_files
     for folder in class_dirs(tree):
         if folder not in label_of:
             raise DataError(f"class folder {os.path.join(tree, folder)} {unknown}")
         y = label_of[folder]
-        items.extend(Datum(p, y, classnames[y]) for p in image_files(os.path.join(tree, folder)))
+        items.extend(Datum(p, y, classnames[y]) for p in find(os.path.join(tree, folder)))
     return items
 
 

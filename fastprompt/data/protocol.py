@@ -2,13 +2,10 @@
 
 * :class:`Datum`, :class:`DatasetSplits` and :class:`DataError` are the types every loader returns.
 * :func:`few_shot` draws K training images per class (and ``min(K, 4)`` validation images per
-  class), as CoOp / Dassl's ``generate_fewshot_dataset`` does.
+  class) exactly as Dassl's ``generate_fewshot_dataset`` does right after ``random.seed(seed)``,
+  so a user of the original code and of fastprompt train on the very same images.
 * :func:`split_base_novel` is CoOp's ``subsample_classes``: sort the labels, the first
   ``ceil(n / 2)`` classes are *base*, the rest *novel*, and each half is relabelled from 0.
-
-Sampling uses a private ``random.Random`` seeded from ``seed`` (never the global RNG), so the same
-seed always gives the same images on any machine; it does not reproduce the exact images of
-CoOp's cached ``split_fewshot/*.pkl`` files (those depend on Dassl's global RNG state).
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class DataError(Exception):
-    """Bad or missing data. The message is one line naming the problem and the fix."""
+from ..errors import DataError  # the project's error hierarchy: fastprompt.errors
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,8 @@ class DatasetSplits:
     train: list[Datum]
     val: list[Datum]
     test: list[Datum]
+    #: the val list is the test set (CoOp's ImageNet): few-shot sampling leaves it whole
+    val_is_test: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -60,19 +57,32 @@ class DatasetSplits:
 
 
 def _by_label(items: list[Datum]) -> dict[int, list[Datum]]:
+    """Items grouped by label, labels in order of first appearance (Dassl's split_dataset_by_label)."""
     groups: dict[int, list[Datum]] = defaultdict(list)
     for item in items:
         groups[item.label].append(item)
     return groups
 
 
+def _sample_per_label(rng: random.Random, items: list[Datum], k: int) -> list[Datum]:
+    """Dassl's generate_fewshot_dataset (repeat=False): per label, in order of first appearance,
+    random.sample(items, k), or every item (drawing nothing) when the label has fewer than k."""
+    out: list[Datum] = []
+    for group in _by_label(items).values():
+        out.extend(rng.sample(group, k) if len(group) >= k else group)
+    return out
+
+
 def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> DatasetSplits:
     """K images per class for train, ``min(K, 4)`` per class for val; test is left untouched.
 
-    ``shots`` of ``None`` or < 1 keeps the full dataset (CoOp's ``NUM_SHOTS <= 0``). A class with
-    fewer than K training images is an error (Dassl silently repeats images instead). A class with
-    fewer than ``min(K, 4)`` validation images keeps all it has. A dataset without training images
-    (the test-only ImageNet variants) is returned as it is.
+    The draw is Dassl's (dassl/data/datasets/base_dataset.py, called by CoOp's datasets/*.py after
+    dassl's set_random_seed): one ``random.Random(seed)`` stream — the state ``random.seed(seed)``
+    gives — samples the train list, then the val list (not for ImageNet, whose val is its test
+    set). ``shots`` of ``None`` or < 1 keeps the full dataset (CoOp's ``NUM_SHOTS <= 0``).
+    A class with fewer than K training images is an error here (Dassl would silently keep the
+    fewer images); a class with fewer than ``min(K, 4)`` validation images keeps all it has, as in
+    Dassl. A dataset without training images (the test-only ImageNet variants) is returned as it is.
     """
     if shots is None or shots < 1 or not d.train:
         return d
@@ -85,16 +95,10 @@ def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> Dataset
             f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but --shots {shots} "
             f"needs {shots} ({len(short)} of {d.num_classes} classes are short) — lower --shots "
             f"to at most {have} or add images to that class")
-    rng = random.Random(f"fastprompt-few-shot-train-{seed}")
-    train: list[Datum] = []
-    for y in sorted(train_groups):
-        train.extend(rng.sample(train_groups[y], shots))
-    rng = random.Random(f"fastprompt-few-shot-val-{seed}")
-    val_shots = min(shots, 4)
-    val: list[Datum] = []
-    for y, items in sorted(_by_label(d.val).items()):
-        val.extend(rng.sample(items, min(val_shots, len(items))))
-    return DatasetSplits(d.name, list(d.classnames), train, val, d.test)
+    rng = random.Random(seed)
+    train = _sample_per_label(rng, d.train, shots)
+    val = d.val if d.val_is_test else _sample_per_label(rng, d.val, min(shots, 4))
+    return dataclasses.replace(d, classnames=list(d.classnames), train=train, val=val)
 
 
 def _select(items: list[Datum], relabel: dict[int, int]) -> list[Datum]:
@@ -119,5 +123,6 @@ def split_base_novel(d: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]:
         relabel = {y: i for i, y in enumerate(labels)}
         halves.append(DatasetSplits(
             d.name, [d.classnames[y] for y in labels],
-            _select(d.train, relabel), _select(d.val, relabel), _select(d.test, relabel)))
+            _select(d.train, relabel), _select(d.val, relabel), _select(d.test, relabel),
+            d.val_is_test))
     return halves[0], halves[1]

@@ -11,9 +11,14 @@ tokens of its name (m = the shortest name length, or 1 on MaPLe); the rest of th
 where t0 / s0 are the text features / logits of the same prompt with the initial label
 embeddings L0 (neither side of the logit term is detached, as in the released code).
 Classes never trained keep their original name embeddings.
-`released_code=True` reproduces the released implementation: w_p = 1, and on MaPLe the label
-sits over the word "of" (row 3) while the class tokens stay fixed; the label still starts from,
-and is regularised toward, the class name's first token, while t0 is the plain prompt ("of").
+Two facts of the released code (gaojingsheng/LAMM) are options of their own:
+* `param_weight`: w_p; None is the paper's 1/shots. The released scripts never pass `--shots`, so
+  their weight was 1 (`param_weight=1`); a checkpoint's config says which it trained with.
+* `label_layout` (MaPLe+LAMM): "name" (the paper: the label over the class name) or "of" (the
+  released trainers/maple.py: the label over the token right after the context — the word "of" —
+  while the class tokens stay fixed); the label still starts from, and is regularised toward, the
+  class name's first token, while t0 is the plain prompt ("of").
+`released_code=True` is shorthand for both released settings.
 """
 from __future__ import annotations
 
@@ -29,38 +34,62 @@ from .coop import ContextPrompt, CoOpConfig
 from .maple import MaPLe, MaPLeConfig
 
 
+LABEL_LAYOUTS = ("name", "of")
+
+
 @dataclass
 class LammOptions:
     shots: int = 16
     n_label_tokens: int = 0          # m; 0 = the shortest class name in tokens
-    released_code: bool = False
+    param_weight: float | None = None  # w_p; None = 1/shots (paper), 1 = the released scripts
+    label_layout: str = "name"       # "name" (paper) | "of" (released MaPLe+LAMM)
+    released_code: bool = False      # shorthand: param_weight=1 and, on MaPLe, label_layout="of"
     temperature: float = 2.0
     logit_weight: float = 0.05
     feature_weight: float = 1.0
 
+    def released_settings(self, layout: str) -> None:
+        """Apply `released_code` (refusing settings that contradict it); check the layout."""
+        if self.released_code:
+            if self.param_weight not in (None, 1, 1.0) or self.label_layout not in ("name", layout):
+                raise ValueError("released_code=True means param_weight=1 and the released label "
+                                 "layout: drop it or the contradicting option")
+            self.param_weight, self.label_layout = 1.0, layout
+        if self.label_layout not in LABEL_LAYOUTS:
+            raise ValueError(f"label_layout must be one of {LABEL_LAYOUTS}, got {self.label_layout!r}")
+
+    @property
+    def param_term_weight(self) -> float:
+        return 1.0 / self.shots if self.param_weight is None else float(self.param_weight)
+
 
 @dataclass
 class LammConfig(CoOpConfig, LammOptions):
-    pass
+    def __post_init__(self):
+        self.released_settings("name")  # LAMM's CoOp trainer puts the label over the class name
+        if self.label_layout != "name":
+            raise ValueError("label_layout='of' exists only for maple+lamm (the released MaPLe "
+                             "trainer); lamm and coop+lamm put the label over the class name")
 
 
 @dataclass
 class MaPLeLammConfig(MaPLeConfig, LammOptions):
     n_label_tokens: int = 1
 
+    def __post_init__(self):
+        self.released_settings("of")
+
 
 class LabelAlignment:
     """Mixin over a ContextPrompt method: label rows, their substitution, and the LAMM loss."""
 
     train_context: bool = True
-    released_label_row: int | None = None  # MaPLe+LAMM's released layout puts the label at row 3
 
     def _init_labels(self):
         cfg, tpl = self.config, self.template
         m = cfg.n_label_tokens or min(tpl.name_lengths)
-        self.label_start = tpl.name_start
-        if cfg.released_code and self.released_label_row is not None:
-            self.label_start = self.released_label_row
+        # "of": the row right after the context (row 3 with MaPLe's 2 context vectors)
+        self.label_start = tpl.name_start if cfg.label_layout == "name" else 1 + cfg.n_ctx
         if m < 1 or self.label_start + m > int(tpl.eot.min()):
             raise ValueError(f"{m} label tokens from row {self.label_start} do not fit every prompt")
         if m < 1 or tpl.name_start + m > int(tpl.eot.min()):
@@ -112,8 +141,7 @@ class LabelAlignment:
         t, t0 = self.text_features(), self.initial_text_features()
         logits, fixed = self.logits_from(img, t), self.logits_from(img, t0)
         loss = F.cross_entropy(logits, labels)
-        w_param = 1.0 if cfg.released_code else 1.0 / cfg.shots
-        loss = loss + w_param * (self.label_emb - self.label_init).pow(2).sum()
+        loss = loss + cfg.param_term_weight * (self.label_emb - self.label_init).pow(2).sum()
         # feature term, skipped when the batch holds one label (as a mask: no host sync)
         several = (labels != labels[:1]).any().to(loss.dtype)
         cos = F.cosine_similarity(t[labels], t0[labels].detach(), dim=-1)
@@ -143,7 +171,6 @@ class CoOpLamm(Lamm):
 @register("maple+lamm")
 class MaPLeLamm(LabelAlignment, MaPLe):
     Config = MaPLeLammConfig
-    released_label_row = 3
 
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)

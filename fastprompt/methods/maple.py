@@ -60,8 +60,18 @@ class MaPLe(DeepPrompts):
         return TowerHooks(prompts=prompts)
 
 
+@dataclass
+class IVLPConfig(MaPLeConfig):
+    #: the released IVLP scripts' depth in both towers (configs/trainers/IVLP/
+    #: vit_b16_c2_ep5_batch4_2+2ctx.yaml: PROMPT_DEPTH_VISION = PROMPT_DEPTH_TEXT = 12; the code's
+    #: default is 9): 12 x 2 x (512 + 768) = 30,720 parameters on ViT-B/16
+    depth: int = 12
+
+
 @register("ivlp")
 class IVLP(DeepPrompts):
+    Config = IVLPConfig
+
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)
         dv = self.backbone.image_width

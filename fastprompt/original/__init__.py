@@ -99,7 +99,8 @@ def load_original(method: str, path, clip, classnames, config=None):
     """A fastprompt model computing what the original code computes with these tensors.
 
     method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp or mma (fastprompt names;
-    a MaPLe+LAMM checkpoint of the released code is imported with `released_code=True`).
+    a MaPLe+LAMM checkpoint of the released code is imported with its label layout,
+    `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's `shots`).
     path: a checkpoint file or an original output directory (newest epoch is taken).
     config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
     """

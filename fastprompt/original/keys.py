@@ -290,12 +290,10 @@ def _lamm(method: str, cfg: dict, notes: list[str]) -> dict:
     if _flag(cfg.get("random_init")):
         notes.append("config random_init=True: the original anchored the label embeddings to random "
                      "values; fastprompt anchors them to the class-name embeddings (eval is unaffected)")
+    # the parameter term is weighted 1/shots, as the original (its --shots: 1 unless passed)
     if method != "maple+lamm":
-        return {"shots": shots}  # weight 1/shots, as the original
-    if shots != 1:
-        notes.append(f"config shots={shots}: the released MaPLe+LAMM weighted the parameter term by "
-                     f"1/shots; fastprompt's released_code layout uses 1")
-    return {"shots": shots, "released_code": True}
+        return {"shots": shots}
+    return {"shots": shots, "label_layout": "of"}  # the released MaPLe trainer's label position
 
 
 def _ivlp(sd: dict, cfg: dict, n_ctx: int) -> dict:
