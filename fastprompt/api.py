@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .clip import Clip
+from .errors import InputError, first_line
 from .methods import METHODS, Method
 
 
@@ -11,7 +12,7 @@ def list_methods() -> list[str]:
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(list_methods())}")
+        raise InputError(f"unknown method '{name}'; choose one of: {', '.join(list_methods())}")
     return METHODS[name]
 
 
@@ -19,6 +20,12 @@ def create(method: str, clip: Clip, classnames: list[str], **options) -> Method:
     """A method over `clip` for `classnames`; keyword options override the paper defaults."""
     cls = method_class(method)
     if classnames is None or len(list(classnames)) == 0:
-        raise ValueError("empty class list: give the class names to classify")
+        raise InputError("empty class list: give the class names to classify")
     config = cls.Config.from_options(method, options)
-    return cls(clip, list(classnames), config).to(clip.device)
+    try:
+        model = cls(clip, list(classnames), config)
+    except InputError:
+        raise
+    except ValueError as err:  # a method's own check of its options or class names
+        raise InputError(f"{method}: {first_line(err)}") from err
+    return model.to(clip.device)

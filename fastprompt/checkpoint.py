@@ -13,29 +13,47 @@ import torch
 
 from .api import create
 from .clip import Clip, load_clip
+from .errors import CheckpointError, FastpromptError, first_line
+from .files import atomic_write, write_json
 
 FORMAT = "fastprompt-adapter/1"
 CONFIG, WEIGHTS = "config.json", "adapter.safetensors"
 
+__all__ = ["CONFIG", "FORMAT", "WEIGHTS", "CheckpointError", "atomic_write", "check_config",
+           "check_finite", "load", "read_config", "read_safetensors", "save"]
 
-class CheckpointError(ValueError):
-    """A run directory that cannot be loaded (one-line reason)."""
+
+def check_finite(tensors: dict, what) -> None:
+    """CheckpointError naming the first tensor of `tensors` with a NaN or inf value."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"tensor '{key}' of {what} holds NaN/inf values: the run diverged; "
+                                  f"train again with a lower --lr (or --precision fp32)")
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a crash never leaves a half-written file under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def read_safetensors(path: Path, what: str = "the run") -> dict:
+    """All tensors of a safetensors file; a truncated or corrupt file is a one-line CheckpointError."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors' Rust errors have no common base here
+        raise CheckpointError(f"cannot read {path}: {first_line(err)}: the file is truncated or "
+                              f"corrupt; restore it or train {what} again") from None
 
 
 def save(model, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `config.json` + `adapter.safetensors` (each atomically); non-finite tensors are
+    refused, so a diverged model never replaces a good one."""
     from safetensors.torch import save_file
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in model.trainable_state().items()}
+    check_finite(tensors, f"the {model.name} model (not saved to {run})")
     config = {
         "format": FORMAT,
         "method": model.name,
@@ -46,7 +64,7 @@ def save(model, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
         **(extra or {}),
     }
     atomic_write(run / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    atomic_write(run / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
+    write_json(run / CONFIG, config)
     return run
 
 
@@ -61,22 +79,63 @@ def check_fingerprint(src: dict, clip: Clip, run_dir) -> None:
                               f"init; restore the original weights")
 
 
+#: config.json keys -> (accepted types, what to say); "?" marks an optional key
+_SCHEMA = {
+    "format": (str, "a string"), "method": (str, "a method name"), "options": (dict, "an object"),
+    "backbone": (dict, "an object"), "classnames": (list, "a list of class names"),
+    "tensors?": (dict, "an object"), "run?": (dict, "an object"), "original?": (dict, "an object"),
+}
+_BACKBONE = {"model": (str,), "pretrained": (str, type(None)), "seed": (int,)}
+
+
+def check_config(config, path) -> dict:
+    """`config` if it has every key with the right type, else a CheckpointError naming the key."""
+    fix = "restore the file or save the run again"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}, not a run's JSON object: {fix}")
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {config.get('format')!r:.60}, expected {FORMAT!r}")
+    for spec, (kind, say) in _SCHEMA.items():
+        key = spec.rstrip("?")
+        if key not in config:
+            if spec.endswith("?"):
+                continue
+            raise CheckpointError(f"{path} lacks the key '{key}': {fix}")
+        if not isinstance(config[key], kind):
+            raise CheckpointError(f"'{key}' in {path} is a {type(config[key]).__name__}, expected "
+                                  f"{say}: {fix}")
+    names = config["classnames"]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"'classnames' in {path} must be a non-empty list of strings: {fix}")
+    for key, kinds in _BACKBONE.items():
+        value = config["backbone"].get(key, ...)
+        if value is ... or not isinstance(value, kinds) or isinstance(value, bool):
+            raise CheckpointError(f"'backbone.{key}' in {path} is missing or of the wrong type "
+                                  f"({type(value).__name__}): {fix}")
+    return config
+
+
 def read_config(run_dir: str | os.PathLike) -> dict:
+    """The checked config.json of a run directory (CheckpointError, one line, if unusable)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG} in {run_dir}: not a fastprompt run directory")
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return config
+    try:
+        config = json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, NaN constants
+        raise CheckpointError(f"{path} is not valid JSON ({first_line(err)}): restore the file or "
+                              f"save the run again") from None
+    return check_config(config, path)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | None = None,
          device: str | torch.device | None = None):
     """Rebuild the model of a run directory; reuse `clip` when given (it must be the same backbone).
     `device` builds a missing backbone there (a given `clip` stays where it is)."""
-    from safetensors.torch import load_file
-
     config = read_config(run_dir)
     if method is not None and method != config["method"]:
         raise CheckpointError(f"{run_dir} holds a '{config['method']}' model, not '{method}'")
@@ -90,11 +149,14 @@ def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | Non
         raise CheckpointError(f"{run_dir} was trained on backbone {src}, not {clip.source}: "
                               f"pass clip=None or the matching backbone")
     check_fingerprint(src, clip, run_dir)
-    model = create(config["method"], clip, config["classnames"], **config["options"])
+    try:
+        model = create(config["method"], clip, config["classnames"], **config["options"])
+    except (FastpromptError, ValueError) as err:  # unknown method, option of the wrong type, ...
+        raise CheckpointError(f"{Path(run_dir) / CONFIG}: {first_line(err)}") from None
     weights = Path(run_dir) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"missing {weights}: the run was not saved completely")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights)
     own = model.trainable_state()
     for key in sorted(set(own) | set(tensors)):
         if key not in tensors:
@@ -105,6 +167,10 @@ def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | Non
             raise CheckpointError(f"tensor '{key}' has shape {tuple(tensors[key].shape)} in "
                                   f"{weights}, the model expects {tuple(own[key].shape)}: "
                                   f"checkpoint from another backbone?")
+        if not tensors[key].is_floating_point():
+            raise CheckpointError(f"tensor '{key}' in {weights} has dtype {tensors[key].dtype}, "
+                                  f"expected floating point: restore the file")
+    check_finite(tensors, weights)
     with torch.no_grad():
         for key, p in own.items():
             p.copy_(tensors[key].to(p.dtype))

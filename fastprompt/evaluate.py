@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ImageDataset, test_transform
+from .data import DataError, ImageDataset, test_transform
+from .data.images import collate_readable
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -21,32 +23,55 @@ def loader_kwargs(device: torch.device, workers: int) -> dict:
     return kw
 
 
+@dataclass
+class Score:
+    """Top-1 accuracy (percent) over the `read` images that could be read; `unreadable` lists
+    the sources of the others (left out, not replaced)."""
+
+    acc: float
+    read: int
+    unreadable: list
+
+
 @torch.no_grad()
-def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
-             precision: str = "fp32", on_error: str = "skip", progress=None) -> float:
-    """Top-1 accuracy in percent of `classifier` (images -> logits) over `data` (list of Datum).
-    With ``on_error="skip"``, unreadable images (found by any loader worker) are counted in one
-    RuntimeWarning at the end."""
+def score(classifier, data, device, batch_size: int = 100, workers: int = 0,
+          precision: str = "fp32", on_error: str = "skip", progress=None) -> Score:
+    """Accuracy of `classifier` (images -> logits) over `data` (list of Datum). With
+    ``on_error="skip"``, unreadable images (found by any loader worker) are left out of the
+    accuracy, counted, and reported in one RuntimeWarning; none readable is a DataError."""
     if not data:
-        raise ValueError("no images to evaluate on")
+        raise DataError("no images to evaluate on: the evaluation split is empty")
     tf = test_transform(classifier.image_size, classifier.mean, classifier.std)
-    dataset = ImageDataset(data, tf, on_error=on_error)
+    dataset = ImageDataset(data, tf, on_error=on_error, image_size=classifier.image_size,
+                           replace=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        **loader_kwargs(device, workers))
+                        collate_fn=collate_readable, **loader_kwargs(device, workers))
     correct = total = 0
     classifier.eval()
-    for images, labels in (progress(loader) if progress else loader):
+    for batch in (progress(loader) if progress else loader):
+        if batch is None:  # every image of this batch was unreadable
+            continue
+        images, labels = batch
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         with autocast(device, precision):
             logits = classifier(images)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
     skipped = dataset.skipped  # over all loader workers
+    if total == 0:
+        raise DataError(f"none of the {len(data)} evaluation images could be read (first: "
+                        f"{skipped[0] if skipped else '?'}) — check the data root")
     if skipped:
-        warnings.warn(f"{len(skipped)} of {len(data)} evaluation images were unreadable and "
-                      f"replaced by others of their class (first: {skipped[0]})", RuntimeWarning,
-                      stacklevel=2)
-    return 100.0 * correct / total
+        warnings.warn(f"{len(skipped)} of {len(data)} evaluation images were unreadable and are "
+                      f"left out: accuracy over the {total} read (first: {skipped[0]})",
+                      RuntimeWarning, stacklevel=2)
+    return Score(100.0 * correct / total, total, skipped)
+
+
+def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
+             precision: str = "fp32", on_error: str = "skip", progress=None) -> float:
+    """Top-1 accuracy in percent over the readable images of `data` (see `score`)."""
+    return score(classifier, data, device, batch_size, workers, precision, on_error, progress).acc
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True):

@@ -123,3 +123,17 @@ def describe(method: str) -> str:
         parts.append(f"{name}: batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs"
                      f"{', warm-up 1e-5 x' + str(r.warmup_epochs) if r.warmup_epochs else ''}{opts}")
     return "; ".join(parts)
+
+
+def zero_shot_templates(dataset: str, template: str | None = None, ensemble: bool = False) -> list[str]:
+    """The prompts of zero-shot CLIP on `dataset` as CoOp's zsclip.py writes them: `template` or the
+    dataset's CUSTOM_TEMPLATES entry; with `ensemble`, ZeroshotCLIP2's seven ImageNet templates
+    plus that one (but not on ImageNet itself)."""
+    from .data import canonical_name, zero_shot_template
+    from .prompts import ENSEMBLE_TEMPLATES
+
+    own = template or zero_shot_template(dataset)
+    if not ensemble:
+        return [own]
+    imagenet = template is None and canonical_name(dataset) == "imagenet"
+    return list(ENSEMBLE_TEMPLATES) + ([] if imagenet else [own])

@@ -13,10 +13,10 @@ import torch
 from .api import create, method_class
 from .checkpoint import load, read_config
 from .clip import load_clip
-from .data import DataError, few_shot, load_dataset, split_base_novel
+from .data import DataError, canonical_name, few_shot, load_dataset, split_base_novel
 from .data.generated import DEFAULT_DATASET
 from .evaluate import accuracy, harmonic_mean
-from .recipes import recipe_for
+from .recipes import default_protocol, recipe_for, zero_shot_templates
 from .train import parse_options
 from .training import CHECKPOINT, TrainEnv, init_distributed, train
 
@@ -59,8 +59,10 @@ def train_run(args):
     method_class(args.method)  # unknown method: fail before loading anything
     dataset = args.dataset or DEFAULT_DATASET
     env = run_env(args)
-    recipe = recipe_for(args.method, dataset.lower(), epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, shots=args.shots, **getattr(args, "recipe", {}))
+    protocol = getattr(args, "recipe_name", None) or default_protocol(dataset, args.subsample)
+    recipe = recipe_for(args.method, canonical_name(dataset), protocol, epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, shots=args.shots,
+                        **getattr(args, "recipe", {}))
     out = Path(args.out or f"runs/{dataset}/{args.method}/seed{args.seed}")
     if (out / CHECKPOINT).is_file() and not args.resume:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or another --out")
@@ -73,11 +75,9 @@ def train_run(args):
     if env.main:
         _check_split(out, {"train": _split_record(train_split.train),
                            "val": _split_record(train_split.val)}, args.resume)
-    clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device)
-    options = parse_options(args.opt)
-    fields = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
-    if "shots" in fields:
-        options.setdefault("shots", recipe.shots)
+    clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device,
+                     quick_gelu=getattr(args, "quick_gelu", None))
+    options = method_options(args, dataset, recipe)
     torch.manual_seed(args.seed)  # the learnable parameters' init follows --seed (Dassl's rule)
     model = create(args.method, clip, train_split.classnames, **options)
     if args.plain:
@@ -93,6 +93,22 @@ def train_run(args):
     metrics.update(stats)
     metrics["wall_s"] = time.perf_counter() - started
     return _finish(out, metrics)
+
+
+def method_options(args, dataset: str, recipe) -> dict:
+    """The method's options: the recipe's, then --opt; LAMM's `shots` follows the run's; zero-shot
+    prompts follow the dataset (CoOp's template) or --template / --ensemble."""
+    options = {**recipe.options, **parse_options(args.opt)}
+    fields = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
+    if "shots" in fields:
+        options.setdefault("shots", recipe.shots)
+    template, ensemble = getattr(args, "template", None), getattr(args, "ensemble", False)
+    if "templates" in fields:
+        options.setdefault("templates", zero_shot_templates(dataset, template, ensemble))
+    elif template or ensemble:
+        raise ValueError(f"--template / --ensemble set the prompts of --method zeroshot; "
+                         f"{args.method} starts from 'a photo of a {{}}.' (see its options)")
+    return options
 
 
 def evaluate_base_novel(model, args, env, base, novel) -> dict:

@@ -65,6 +65,7 @@ def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "tes
     from .api import create
     from .clip import load_clip
     from .data import load_dataset, split_base_novel
+    from .recipes import zero_shot_templates
     from .runner import evaluate_base_novel, run_env
 
     args = train_args("zeroshot", dataset, pretrained=pretrained,
@@ -72,7 +73,8 @@ def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "tes
     env = run_env(args)
     clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device)
     base, novel = split_base_novel(load_dataset(dataset, args.data_root))
-    return evaluate_base_novel(create("zeroshot", clip, base.classnames), args, env, base, novel)
+    model = create("zeroshot", clip, base.classnames, templates=zero_shot_templates(dataset))
+    return evaluate_base_novel(model, args, env, base, novel)
 
 
 def collect(methods, datasets, seeds, pretrained: str | None = "shapes", log=print,
@@ -106,15 +108,34 @@ def chance(dataset: str, root=None) -> tuple[float, float]:
     return 100 / len(base.classnames), 100 / len(novel.classnames)
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Seed-averaged base and novel accuracy, and the HM of those averages (as the papers report
+    it: CoCoOp's 75.83 = HM(80.47, 71.69), not the mean of per-seed HMs)."""
+    from .evaluate import harmonic_mean
+
+    base = sum(r["base_acc"] for r in rows) / len(rows)
+    novel = sum(r["novel_acc"] for r in rows) / len(rows)
+    return {"base_acc": base, "novel_acc": novel, "hm": harmonic_mean(base, novel)}
+
+
 def markdown(results: dict, seeds, root=None) -> str:
+    """The table: one row per (dataset, method) and, over several datasets, an average row per
+    method (mean base, mean novel over datasets, HM of those means)."""
     lines = ["| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
-    for (dataset, method), rows in results.items():
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_acc", "novel_acc", "hm")}
-        lines.append(f"| {dataset} | {method} | {mean['base_acc']:.1f} | {mean['novel_acc']:.1f} "
-                     f"| {mean['hm']:.1f} |")
-    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d, root))}"
-                     for d in dict.fromkeys(d for d, _ in results))
-    return "\n".join(lines) + (f"\n\nMean over seeds {', '.join(map(str, seeds))}. "
+    summary = {key: summarize(rows) for key, rows in results.items()}
+    datasets = list(dict.fromkeys(d for d, _ in results))
+    rows = list(summary.items())
+    if len(datasets) > 1:
+        for method in dict.fromkeys(m for _, m in results):
+            per = [summary[(d, method)] for d in datasets if (d, method) in summary]
+            if len(per) == len(datasets):
+                rows.append((("average", method), summarize(per)))
+    for (dataset, method), m in rows:
+        lines.append(f"| {dataset} | {method} | {m['base_acc']:.1f} | {m['novel_acc']:.1f} "
+                     f"| {m['hm']:.1f} |")
+    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d, root))}" for d in datasets)
+    return "\n".join(lines) + (f"\n\nBase and novel: mean over seeds {', '.join(map(str, seeds))}; "
+                               f"HM of those means; average rows: mean over datasets. "
                                f"Chance (base/novel, %): {odds}.")
 
 

@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag, checkpoint file, or 'none' (random init); default: 'shapes' "
                         "for --model tiny (the shipped pretrained tiny CLIP), none otherwise")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="build the backbone with QuickGELU (OpenAI's CLIP) or GELU; default: what "
+                        "the weights say (open_clip tag config, OpenAI release file)")
     p.add_argument("--backbone-seed", type=int, default=0, help="seed of a random-init backbone")
     p.add_argument("--dataset", default=None, help="dataset name or folder (default shapes_colour, generated)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset(s)")
@@ -39,8 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--recipe", dest="recipe_name", choices=["base2novel", "cross"], default=None,
+                   help="the released scripts' recipe: base2novel, or cross (train on all of "
+                        "ImageNet for cross-dataset / domain generalisation: MaPLe lr 0.0026, 2 "
+                        "epochs, depth 3); default: cross for --dataset imagenet --subsample all")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt depth=3 (repeatable)")
+    p.add_argument("--template", default=None,
+                   help="zeroshot: prompt with {} for the class name (default: CoOp's template of "
+                        "the dataset, e.g. 'a photo of a {}, a type of pet.' for oxford_pets)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="zeroshot: prompt ensembling as CoOp's ZeroshotCLIP2 (7 ImageNet templates "
+                        "+ the dataset's own, except on ImageNet)")
     p.add_argument("--config", default=None, help="YAML/JSON recipe: any of these flags + 'options'")
     p.add_argument("--plain", action="store_true",
                    help="turn every optimisation off (kernels, text shortcut, caches, CUDA graphs): "

@@ -20,18 +20,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import atomic_write, save
+from .checkpoint import CheckpointError, check_finite, read_safetensors, save
 from .data import ImageDataset, train_transform
+from .errors import TrainingError
 from .evaluate import autocast, loader_kwargs
+from .files import append_line, atomic_write
 from .recipes import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
 SYNC_EVERY = 20  # steps between host reads of the running loss / NaN flag
 LOG = "log.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (one-line reason naming the fix)."""
 
 
 @dataclass
@@ -106,6 +104,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, extra: dict) -> None:
+    """The epoch's checkpoint and adapter files, each written atomically; parameters or momentum
+    holding NaN/inf stop training instead (the previous epoch's files stay as they are)."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -114,6 +114,11 @@ def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, extra: dict) ->
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum/{name}"] = buf.detach().cpu().contiguous()
+    try:
+        check_finite(tensors, f"the model after epoch {epoch}")
+    except CheckpointError as err:
+        raise TrainingError(f"{err}; epoch {epoch} was not saved, the files of epoch {epoch - 1} in "
+                            f"{run_dir} are intact") from None
     meta = {"epoch": str(epoch)}
     atomic_write(run_dir / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
     save(model, run_dir, extra=extra)
@@ -123,22 +128,34 @@ def load_checkpoint(model, optimizer, run_dir: Path) -> int:
     """Restore trainable tensors and momentum; return the number of finished epochs."""
     from safetensors import safe_open
 
+    from .errors import short_repr as short
+
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise TrainingError(f"nothing to resume: no {CHECKPOINT} in {run_dir} (drop --resume)")
+    tensors = read_safetensors(path, "the run")
     with safe_open(str(path), "pt") as f:
-        epoch = int(f.metadata()["epoch"])
-        keys = set(f.keys())
-        own = model.trainable_state()
-        missing = [k for k in own if f"param/{k}" not in keys]
-        if missing:
-            raise TrainingError(f"{path} lacks '{missing[0]}': it belongs to another method/config")
-        with torch.no_grad():
-            for name, p in own.items():
-                p.copy_(f.get_tensor(f"param/{name}"))
-                if f"momentum/{name}" in keys:
-                    optimizer.state[p]["momentum_buffer"] = f.get_tensor(f"momentum/{name}").to(p.device)
-    return epoch
+        meta = f.metadata() or {}
+    epoch = meta.get("epoch", "")
+    if not epoch.isdigit():
+        raise CheckpointError(f"{path} records no finished epoch (metadata {short(meta)}): restore "
+                              f"it or start a new run")
+    own = model.trainable_state()
+    missing = [k for k in own if f"param/{k}" not in tensors]
+    if missing:
+        raise TrainingError(f"{path} lacks '{missing[0]}': it belongs to another method/config")
+    for name, p in own.items():
+        for key in (f"param/{name}", f"momentum/{name}"):
+            if key in tensors and tensors[key].shape != p.shape:
+                raise CheckpointError(f"'{key}' in {path} has shape {tuple(tensors[key].shape)}, "
+                                      f"the model's is {tuple(p.shape)}: another method/config")
+    check_finite(tensors, path)
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(tensors[f"param/{name}"])
+            if f"momentum/{name}" in tensors:
+                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)
+    return int(epoch)
 
 
 def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
@@ -165,7 +182,8 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
     step_fn = make_step(model, env, log)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
-                                                 model.clip.std), on_error=env.on_error)
+                                                 model.clip.std), on_error=env.on_error,
+                           image_size=model.clip.image_size)
     if len(dataset) < recipe.batch_size * env.world_size:
         raise TrainingError(f"{len(dataset)} training images are fewer than one batch of "
                             f"{recipe.batch_size}: lower --batch-size or raise --shots")
@@ -183,8 +201,7 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
         if env.main:
             save_checkpoint(model, optimizer, run_dir, epoch + 1, extra or {})
             entry = {"epoch": epoch + 1, "lr": lr, **stats}
-            with open(run_dir / LOG, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_line(run_dir / LOG, json.dumps(entry, allow_nan=False))
             log(f"epoch {epoch + 1}/{recipe.epochs}  lr {lr:.2e}  loss {stats['loss']:.4f}  "
                 f"acc {stats['acc']:.1f}%  {stats['images_per_s']:.1f} img/s")
     if env.main and recipe.epochs == start:

@@ -46,22 +46,30 @@ def test_transform(image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
 test_transform.__test__ = False  # not a pytest test, even when imported into a test module
 
 
-def load_image(datum: Datum):
-    """The datum's image as an RGB PIL image, fully decoded; DataError if it can't be read."""
-    from PIL import Image
+def load_image(datum: Datum, image_size: int | None = None):
+    """The datum's image as a fully decoded 8-bit RGB PIL image; DataError if it can't be read.
+    `image_size` (the model's input side) lets huge files decode at reduced size (`decode.py`)."""
+    from .decode import ImageReadError, open_rgb, to_rgb
 
     if datum.image is not None:
-        return datum.image if datum.image.mode == "RGB" else datum.image.convert("RGB")
+        return to_rgb(datum.image)
     if datum.impath is None:
         raise DataError(f"datum of class {datum.classname!r} has neither a path nor an image — "
                         f"build it with Datum(impath=...) or Datum(..., image=PIL image)")
     try:
-        with Image.open(datum.impath) as img:
-            return img.convert("RGB")  # convert() forces the full decode, so truncation shows here
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"cannot read image {datum.impath}: {reason} — replace or delete the "
-                        f"file, or load with on_error='skip'") from err
+        return open_rgb(datum.impath, image_size)
+    except ImageReadError as err:
+        raise DataError(f"cannot read image {datum.impath}: {err} — replace or delete the "
+                        f"file, or load with on_error='skip'") from None
+
+
+def collate_readable(batch):
+    """DataLoader collate that leaves out the unreadable items (None) of an evaluation batch;
+    None when the whole batch was unreadable."""
+    from torch.utils.data import default_collate
+
+    items = [b for b in batch if b is not None]
+    return default_collate(items) if items else None
 
 
 class ImageDataset(Dataset):
@@ -69,9 +77,14 @@ class ImageDataset(Dataset):
 
     ``on_error="raise"``: an unreadable image raises :class:`DataError` naming its path.
     ``on_error="skip"``: the image is marked unreadable, a warning is issued once (per process),
-    and the item is replaced by the next readable image of the same class (any class if none is
-    left), so batches keep their size and labels stay correct. ``skipped`` lists the unreadable
-    images found so far.
+    and then
+      - ``replace=True`` (training): the item is replaced by the next readable image of the same
+        class, so batches keep their size and the class balance stays; a class none of whose
+        images can be read is a DataError;
+      - ``replace=False`` (evaluation): the item is None, which ``collate_readable`` leaves out, so
+        accuracy is computed over the images actually read.
+    ``skipped`` lists the unreadable images found so far. ``image_size`` lets huge files decode
+    at reduced size (see ``decode.py``).
 
     The marks live in a shared-memory tensor (one flag per item), so the marks that DataLoader
     worker processes make are seen by the main process's dataset (and by the other workers, which
@@ -80,14 +93,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, data: Sequence[Datum], transform: Callable | None = None,
-                 on_error: str = "skip"):
+                 on_error: str = "skip", image_size: int | None = None, replace: bool = True):
         import torch
 
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.data = list(data)
         self.transform = transform if transform is not None else test_transform()
-        self.on_error = on_error
+        self.on_error, self.image_size, self.replace = on_error, image_size, replace
         self._bad = torch.zeros(len(self.data), dtype=torch.bool).share_memory_()
         self._warned = False
         self._by_label: dict[int, list[int]] = defaultdict(list)
@@ -104,24 +117,23 @@ class ImageDataset(Dataset):
         return len(self.data)
 
     def _candidates(self, index: int):
-        """``index``, then its stand-ins: same class first (cyclic), then every item."""
+        """``index``, then (when replacing) the other images of its class, cyclically."""
         yield index
-        same = self._by_label[self.data[index].label]
-        k = same.index(index)
-        yield from same[k:] + same[:k]
-        n = len(self.data)
-        yield from ((index + j) % n for j in range(n))
+        if self.replace:
+            same = self._by_label[self.data[index].label]
+            k = same.index(index)
+            yield from same[k + 1:] + same[:k]
 
     def __getitem__(self, index: int):
         if self.on_error == "raise":
             datum = self.data[index]
-            return self.transform(load_image(datum)), datum.label
+            return self.transform(load_image(datum, self.image_size)), datum.label
         for i in self._candidates(index):
             if self._bad[i]:
                 continue
             datum = self.data[i]
             try:
-                image = load_image(datum)
+                image = load_image(datum, self.image_size)
             except DataError as err:
                 self._bad[i] = True
                 if not self._warned:
@@ -131,6 +143,9 @@ class ImageDataset(Dataset):
                                   stacklevel=2)
                 continue
             return self.transform(image), datum.label
-        skipped = self.skipped
-        raise DataError(f"none of the {len(self.data)} images could be read (first: "
-                        f"{skipped[0] if skipped else '?'}) — check the data root")
+        if not self.replace:
+            return None
+        datum = self.data[index]
+        raise DataError(f"none of the {len(self._by_label[datum.label])} images of class "
+                        f"{datum.classname!r} can be read (first: {datum.source}) — fix or replace "
+                        f"them, or remove the class")

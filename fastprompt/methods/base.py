@@ -44,12 +44,18 @@ class MethodConfig:
 
     @classmethod
     def from_options(cls, method: str, options: dict) -> "MethodConfig":
+        """The config of `method` from keyword options, each coerced by its field's type
+        (`fastprompt.options`: "False" -> False for a bool, "3" -> 3 for an int); an unknown name
+        or a value that does not fit is an InputError naming the option."""
+        from ..errors import InputError
+        from ..options import coerce_all
+
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise ValueError(f"unknown option '{unknown[0]}' for method '{method}'; valid options: "
+            raise InputError(f"unknown option '{unknown[0]}' for method '{method}'; valid options: "
                              f"{', '.join(sorted(names))}")
-        return cls(**options)
+        return cls(**coerce_all(cls, f"method '{method}'", options))
 
     def plain(self) -> "MethodConfig":
         return dataclasses.replace(self, kernels=False, truncate_text=False, cache=False)

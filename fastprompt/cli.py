@@ -1,0 +1,115 @@
+"""The error handler every command shares (train, predict, export, convert, table, pretrain).
+
+`run_cli(body)` returns `body()`'s exit status and turns the expected failures into one line on
+stderr, never a traceback:
+
+* a `FastpromptError` (bad flag, data, checkpoint, backbone, NaN loss, failed export check ...):
+  its own message; status 2 (1 for a failed export check);
+* an `OSError` (unwritable or read-only path, a file where a directory is needed, full disk,
+  symlink loop ...): the reason, the path and what to do; status 2;
+* an optional package that is missing: the extra to install; status 2;
+* GPU out of memory: status 3; Ctrl-C: status 130;
+* stdout closed by the reader (`... | head -1`): quiet, status 141 (128 + SIGPIPE), as other
+  Unix tools.
+
+Anything else is a bug and keeps its traceback. `ValueError` is *not* caught broadly: library code
+raises the project's own errors for bad input.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Callable
+
+from .errors import EXTRAS, FastpromptError, first_line, missing_dependency
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere (files written before are "
+                  "intact)",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or write elsewhere",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ELOOP: "a symbolic link points back to itself: fix or remove the link",
+    errno.ENOTDIR: "a part of this path is a file, not a directory: choose another path",
+    errno.EISDIR: "this is a directory: give a file name",
+    errno.EEXIST: "a file is in the way: remove it or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EIO: "an I/O error from the device: check the disk",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line: what failed, on which path, and what to do."""
+    reason = err.strerror or first_line(err)
+    path = err.filename if err.filename is not None else None
+    where = f": {path}" if path is not None else ""
+    if err.filename2 is not None:
+        where += f" -> {err.filename2}"
+    hint = _OS_HINTS.get(err.errno)
+    return f"{reason}{where}" + (f" ({hint})" if hint else "")
+
+
+def _backbone_error():  # clip.BackboneError, while it may still be its own class there
+    try:
+        from .clip import BackboneError
+    except Exception:  # noqa: BLE001 - the handler must work even if clip cannot be imported
+        return FastpromptError
+    return BackboneError
+
+
+def _silence_stdout() -> None:
+    """After the reader closed stdout: point it at /dev/null so the exit flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def run_cli(body: Callable[[], int],
+            interrupted: str = "interrupted") -> int:
+    """`body()`'s exit status, with the expected failures as one line on stderr (see the module
+    docstring). `interrupted` is the line printed on Ctrl-C."""
+    try:
+        code = body()
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except FastpromptError as err:
+        error(first_line(err))
+        return err.exit_code
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in EXTRAS:
+            raise
+        error(first_line(missing_dependency(err.name)))
+        return 2
+    except OSError as err:
+        error(describe_os_error(err))
+        return 2
+    except MemoryError:
+        error("out of memory: lower --batch-size or use a smaller input")
+        return 3
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is one of the kinds below
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            error("GPU out of memory: lower --batch-size (or use --precision bf16); finished "
+                  "epochs are saved, --resume continues")
+            return 3
+        if isinstance(err, _backbone_error()):
+            error(first_line(err))
+            return 2
+        raise
