@@ -15,10 +15,13 @@ from .checkpoint import load, read_config
 from .clip import load_clip
 from .data import DataError, canonical_name, few_shot, load_dataset, split_base_novel
 from .data.generated import DEFAULT_DATASET
-from .evaluate import accuracy, harmonic_mean
+from .errors import InputError
+from .evaluate import harmonic_mean, score
+from .files import write_json
 from .recipes import default_protocol, recipe_for, zero_shot_templates
+from .rundir import check_resume, open_run_dir
 from .train import parse_options
-from .training import CHECKPOINT, TrainEnv, init_distributed, train
+from .training import TrainEnv, init_distributed, train
 
 SPLIT = "split.json"
 
@@ -42,11 +45,16 @@ def _check_split(out: Path, record: dict, resume: bool) -> None:
     """A run keeps the images it was trained on: a resumed run must draw the same ones."""
     path = out / SPLIT
     if resume and path.is_file():
-        if json.loads(path.read_text()) != record:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise DataError(f"{path} is corrupt: delete it to resume with the images drawn "
+                            f"now, or start a new run in another --out") from None
+        if saved != record:
             raise DataError(f"the few-shot images differ from those recorded in {path}: resume "
                             f"with the same --dataset/--shots/--seed/--subsample")
     else:
-        path.write_text(json.dumps(record))
+        write_json(path, record, indent=None)
 
 
 def _eval_sets(args, dataset: str, root):
@@ -64,8 +72,15 @@ def train_run(args):
                         batch_size=args.batch_size, lr=args.lr, shots=args.shots,
                         **getattr(args, "recipe", {}))
     out = Path(args.out or f"runs/{dataset}/{args.method}/seed{args.seed}")
-    if (out / CHECKPOINT).is_file() and not args.resume:
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it or another --out")
+    with open_run_dir(out, args.resume, getattr(args, "overwrite", False), env.main):
+        return _train_locked(args, started, dataset, env, recipe, out)
+
+
+def _train_locked(args, started, dataset, env, recipe, out: Path):
+    """train_run's body, while this process holds the run directory (`fastprompt.rundir`)."""
+    if args.resume:
+        check_resume(out, {"method": args.method, "model": args.model, "dataset": dataset,
+                           "seed": args.seed, "subsample": args.subsample, "shots": recipe.shots})
     data = few_shot(load_dataset(dataset, args.data_root), recipe.shots, seed=args.seed)
     if args.subsample == "base":
         train_split, novel = split_base_novel(data)
@@ -106,16 +121,20 @@ def method_options(args, dataset: str, recipe) -> dict:
     if "templates" in fields:
         options.setdefault("templates", zero_shot_templates(dataset, template, ensemble))
     elif template or ensemble:
-        raise ValueError(f"--template / --ensemble set the prompts of --method zeroshot; "
+        raise InputError(f"--template / --ensemble set the prompts of --method zeroshot; "
                          f"{args.method} starts from 'a photo of a {{}}.' (see its options)")
     return options
 
 
 def evaluate_base_novel(model, args, env, base, novel) -> dict:
     """Accuracy of `model` on the base and novel halves (`args.eval_split`) and their HM."""
+    unreadable: list = []
+
     def acc(names, items):
-        return accuracy(model.classifier(names), items, env.device, workers=env.workers,
-                        precision=env.precision, on_error=env.on_error)
+        result = score(model.classifier(names), items, env.device, workers=env.workers,
+                       precision=env.precision, on_error=env.on_error)
+        unreadable.extend(result.unreadable)  # left out of the accuracy, counted in metrics
+        return result.acc
 
     pick = (lambda d: d.val) if args.eval_split == "val" else (lambda d: d.test)
     if novel is not None:
@@ -126,13 +145,14 @@ def evaluate_base_novel(model, args, env, base, novel) -> dict:
     for name in filter(None, (args.eval_datasets or "").split(",")):
         d, items = _eval_sets(args, name.strip(), args.data_root)
         metrics[f"acc_{name.strip()}"] = acc(d.classnames, items)
+    metrics["eval_unreadable_images"] = len(unreadable)
     return metrics
 
 
 def _finish(out: Path, metrics: dict) -> dict:
     from .plot import plot_curves
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     plot_curves(out)
     return metrics
 
@@ -140,7 +160,7 @@ def _finish(out: Path, metrics: dict) -> dict:
 def evaluate_run(args):
     """--eval-only --run DIR: the saved model on its own protocol or on --dataset/--eval-datasets."""
     if not args.run:
-        raise ValueError("--eval-only needs --run RUN_DIR")
+        raise InputError("--eval-only needs --run RUN_DIR")
     run = Path(args.run)
     info = read_config(run).get("run", {})
     env = run_env(args)

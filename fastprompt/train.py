@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from .data import DataError
+from .errors import ConfigError, InputError, first_line
 from .recipes import Recipe
-
-EXPECTED_ERRORS = (DataError, ValueError, FileNotFoundError)
 #: weights of `--model tiny` when --pretrained is not given (fastprompt/weights/tiny-shapes.*)
 TINY_DEFAULT_WEIGHTS = "shapes"
 
@@ -67,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="unreadable images: skip them (counted) or stop")
     p.add_argument("--out", default=None, help="run directory (default runs/DATASET/METHOD/seedN)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its files are deleted first)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the run in --run")
     p.add_argument("--run", default=None, help="run directory for --eval-only")
     p.add_argument("--eval-datasets", default=None, help="comma-separated datasets to also test on")
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.recipe = {}
     if args.config:
         _apply_config(p, args, argv)
+    check_args(args)
     if args.pretrained is None and args.model == "tiny":
         args.pretrained = TINY_DEFAULT_WEIGHTS
     if isinstance(args.pretrained, str) and args.pretrained.lower() in ("none", "random"):
@@ -83,41 +85,138 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _apply_config(parser, args, argv) -> None:
-    """Values of --config FILE fill every flag not given on the command line."""
-    path = Path(args.config)
+#: the largest seed accepted (seeds also feed NumPy generators, which need 0 <= seed < 2**32)
+MAX_SEED = 2**32 - 1
+
+
+def check_args(args) -> None:
+    """Numbers that would train nonsense are refused (InputError, one line naming the flag)."""
+    def bad(flag, want, value):
+        raise InputError(f"{flag} must be {want}, got {value!r}")
+
+    for flag, value in (("--seed", args.seed), ("--backbone-seed", args.backbone_seed)):
+        if not 0 <= value <= MAX_SEED:
+            bad(flag, f"an integer from 0 to {MAX_SEED}", value)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        bad("--lr", "a finite number > 0", args.lr)
+    for flag, value, low in (("--epochs", args.epochs, 0), ("--shots", args.shots, 1),
+                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < low:
+            bad(flag, f"an integer >= {low}", value)
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --out and --overwrite replaces it: give one")
+    limits = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentum": (0.0, True),
+              "weight_decay": (0.0, True)}
+    for key, value in args.recipe.items():
+        low, real = limits.get(key, (None, False))
+        if low is not None and (value < low or (real and not math.isfinite(value))):
+            bad(f"'{key}' in {args.config}", f"{'a finite number' if real else 'an integer'} >= {low}",
+                value)
+    if "momentum" in args.recipe and args.recipe["momentum"] >= 1:
+        bad(f"'momentum' in {args.config}", "below 1", args.recipe["momentum"])
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping of a YAML/JSON recipe file (ConfigError, one line, if it cannot be read)."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        conf = yaml.safe_load(text) or {}
-    else:
-        conf = json.loads(text)
-    options = conf.pop("options", {}) or {}
-    recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"options"}
-    args.recipe = {k: conf.pop(k) for k in list(conf) if k in recipe_fields and not hasattr(args, k)}
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            conf = yaml.safe_load(text)
+        else:
+            conf = json.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: give a YAML or JSON file") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError
+        raise ConfigError(f"{path} is not valid JSON: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - yaml.YAMLError and its subclasses
+        if type(err).__module__.split(".")[0] != "yaml":
+            raise
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: "
+                          f"{getattr(err, 'problem', None) or first_line(err)}") from None
+    if conf is None:
+        return {}
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{path} must hold a mapping of flag names to values, not a "
+                          f"{type(conf).__name__}")
+    return conf
+
+
+def _flag_value(action: argparse.Action, key: str, value, path: Path):
+    """A config-file value for `action`'s flag, coerced like the command line would."""
+    from .options import coerce
+
+    label = f"'{key}' in {path}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return coerce("", key, bool, value, label)
+    if isinstance(action, argparse._AppendAction):
+        raise ConfigError(f"'{key}' in {path}: give method options under 'options:'")
+    if value is None:
+        return None
+    kind = action.type if action.type in (int, float) else str
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # e.g. "dataset: 101" or "pretrained: 2023"
+    value = coerce("", key, kind, value, label)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"'{key}' in {path} must be one of {', '.join(map(str, action.choices))}, "
+                          f"got {value!r}")
+    return value
+
+
+def _option_text(value) -> str:
+    """A YAML/JSON option value as the text `--opt KEY=TEXT` would give (then coerced by type)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value)  # a list or mapping: no option takes one, from_options says so
+
+
+def _apply_config(parser, args, argv) -> None:
+    """Values of --config FILE fill every flag not given on the command line, each coerced by
+    the flag's own type (recipe fields by the Recipe's, options by the method config's)."""
+    from .options import coerce, field_types
+
+    path = Path(args.config)
+    conf = dict(read_config_file(path))
+    options = conf.pop("options", None) or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"'options' in {path} must be a mapping of option names to values")
+    actions = {a.dest: a for a in parser._actions}
+    recipe_types = {k: v for k, v in field_types(Recipe).items() if k != "options"}
+    args.recipe = {k: coerce("", k, recipe_types[k], conf.pop(k), f"'{k}' in {path}")
+                   for k in list(conf) if k in recipe_types and k not in actions}
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     for key, value in conf.items():
-        dest = key.replace("-", "_")
-        if not hasattr(args, dest):
-            raise ValueError(f"unknown key '{key}' in {path}; use the long flag names (e.g. "
-                             f"batch_size), recipe fields (e.g. warmup_epochs) or 'options'")
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise ConfigError(f"unknown key '{key}' in {path}; use the long flag names (e.g. "
+                              f"batch_size), recipe fields (e.g. warmup_epochs) or 'options'")
         if f"--{dest.replace('_', '-')}" not in given:
-            setattr(args, dest, value)
-    args.opt = [f"{k}={json.dumps(v)}" for k, v in options.items()] + list(args.opt)
+            setattr(args, dest, _flag_value(actions[dest], str(key), value, path))
+    args.opt = [f"{k}={_option_text(v)}" for k, v in options.items()] + list(args.opt)
 
 
 def parse_options(pairs: list[str]) -> dict:
+    """--opt KEY=VALUE pairs -> {KEY: VALUE text}; the method's config coerces each by its
+    field's type (`fastprompt.options`). A JSON string literal ("...") is unquoted."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--opt needs KEY=VALUE, got '{pair}'")
+            raise InputError(f"--opt needs KEY=VALUE, got '{pair}'")
         key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key.strip()] = value
     return out
 
 
@@ -126,27 +225,12 @@ def main(argv=None) -> int:
 
 
 def run_cli(body) -> int:
-    """``body()``'s exit code; the expected failures (bad data, checkpoint, backbone, NaN loss,
-    GPU out of memory, Ctrl-C) become one line on stderr and an exit code, not a traceback."""
-    try:
-        return body()
-    except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is saved; --resume continues", file=sys.stderr)
-        return 130
-    except Exception as err:  # expected failures: one line, no traceback
-        from .checkpoint import CheckpointError
-        from .clip import BackboneError
-        from .training import TrainingError
-        import torch
-        if isinstance(err, torch.OutOfMemoryError):
-            print("error: GPU out of memory: lower --batch-size (or use --precision bf16); "
-                  "finished epochs are saved, --resume continues", file=sys.stderr)
-            return 3
-        if isinstance(err, EXPECTED_ERRORS + (TrainingError, BackboneError, CheckpointError)):
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
-        raise
+    """``body()``'s exit code through the shared CLI handler (`fastprompt.cli.run_cli`): the
+    expected failures become one line on stderr, Ctrl-C says how to resume."""
+    from .cli import run_cli as handle
+
+    return handle(body, interrupted="interrupted: the last finished epoch is saved; --resume "
+                                    "continues")
 
 
 def run(args) -> int:
