@@ -1,7 +1,8 @@
 """python -m fastprompt.export --run RUN_DIR --format onnx|tensorrt --out FILE [options]
 
-Exit status: 0 exported and checked; 1 the check failed (the file is kept for inspection);
-2 bad input (missing run, unsupported method, TensorRT/CUDA missing, bad option), one line on stderr.
+Exit status: 0 exported and checked; 1 the check failed, or the engine failed while being checked
+(the file is kept for inspection); 2 bad input (missing run, unsupported method, TensorRT/CUDA
+missing, bad option, an --out suffix that predict could not open), one line on stderr.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import sys
 
 from .onnx import EXPORTERS, MIN_OPSET, ExportCheckError, ExportError
+from .runners import RunnerError, check_out_suffix
 from .tensorrt import DEFAULT_BATCH
 
 
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     prog = "python -m fastprompt.export"
     try:
+        check_out_suffix(args.format, args.out)
         if args.format == "onnx":
             from .onnx import export_onnx
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     except OSError as err:  # unwritable --out, full disk, ...
         print(f"{prog}: error: {err.strerror or err}: {err.filename or args.out}", file=sys.stderr)
         return 2
-    except ExportCheckError as err:
+    except (ExportCheckError, RunnerError) as err:
         print(f"{prog}: check failed: {err}", file=sys.stderr)
         return 1
     return 0

@@ -6,6 +6,8 @@
 
 `run` returns the input's kind: a numpy array for a numpy array, a torch tensor for a tensor
 (on the input's device). `output` is "logits" or "features" (an export made with --features).
+Opening a model that cannot be used raises ExportError; a model that fails while running raises
+RunnerError (both one line).
 """
 from __future__ import annotations
 
@@ -17,6 +19,59 @@ import torch
 from .onnx import ExportError, read_metadata
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs it (NvInferRuntime.h, TRT 10/11)
+
+
+class RunnerError(RuntimeError):
+    """A model failed while running (one-line reason)."""
+
+
+def check_out_suffix(fmt: str, out) -> None:
+    """Refuse an export file name that `open_runner` (and so predict) could not open again."""
+    suffixes = (".onnx",) if fmt == "onnx" else ENGINE_SUFFIXES
+    if Path(out).suffix not in suffixes:
+        raise ExportError(f"--out {out}: a {fmt} export is opened by its suffix, so name it "
+                          f"{' or '.join('model' + s for s in suffixes)}")
+
+
+def chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """(start, stop, rows fed to the engine) per chunk of an n-image batch: at most max_batch
+    images each; a chunk under min_batch (the last one, or a small batch) is padded to min_batch,
+    since the engine's profile accepts no smaller batch."""
+    if n < 0 or not 1 <= min_batch <= max_batch:
+        raise ValueError(f"bad chunking: n={n}, batch profile {min_batch}..{max_batch}")
+    return [(a, min(a + max_batch, n), max(min(a + max_batch, n) - a, min_batch))
+            for a in range(0, n, max_batch)]
+
+
+def aligned_empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised contiguous tensor whose first element is ALIGNMENT-byte aligned."""
+    numel, item = int(np.prod(shape, dtype=np.int64)), torch.empty((), dtype=dtype).element_size()
+    buf = torch.empty(numel + ALIGNMENT // item, dtype=dtype, device=device)
+    skip = (-buf.data_ptr() % ALIGNMENT) // item
+    return buf[skip: skip + numel].view(tuple(shape))
+
+
+def engine_input(x: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
+    """x[start:stop] as the engine reads it: `rows` rows (zero images after the real ones),
+    contiguous and ALIGNMENT-aligned; the slice itself when it already is, a copy otherwise
+    (a view with an offset, a non-contiguous tensor, a short chunk)."""
+    part = x[start:stop]
+    if rows == stop - start and part.is_contiguous() and part.data_ptr() % ALIGNMENT == 0:
+        return part
+    buf = aligned_empty((rows, *x.shape[1:]), x.dtype, x.device)
+    buf[: stop - start].copy_(part)
+    buf[stop - start:].zero_()
+    return buf
+
+
+def run_in_chunks(x: torch.Tensor, min_batch: int, max_batch: int, run_chunk, empty: torch.Tensor):
+    """Concatenated `run_chunk(engine_input)` over the chunks of x, each cut back to its real rows
+    (`empty`: the result for zero images, [0, ...] of the output's dtype)."""
+    outs = [empty]
+    for start, stop, rows in chunks(x.shape[0], min_batch, max_batch):
+        outs.append(run_chunk(engine_input(x, start, stop, rows))[: stop - start])
+    return torch.cat(outs)
 
 
 class Runner:
@@ -95,29 +150,42 @@ class OnnxRunner(Runner):
         self.input = self.session.get_inputs()[0].name
 
     def _forward(self, images):
-        out = self.session.run(None, {self.input: images.detach().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        try:
+            out = self.session.run(None, {self.input: images.detach().cpu().contiguous().numpy()})
+        except Exception as err:  # onnxruntime raises its own exception types
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunnerError(f"onnxruntime failed: {first}") from None
+        return torch.from_numpy(out[0])
 
 
 class TensorRTRunner(Runner):
-    """A TensorRT engine (.plan) built by fastprompt.export; classifies CUDA tensors."""
+    """A TensorRT engine (.plan) built by fastprompt.export; classifies CUDA tensors.
+
+    Runs on a stream of its own (enqueueV3 on the legacy default stream costs extra device
+    synchronisations), ordered after the caller's current stream and before whatever the caller
+    queues next. Every buffer handed to TensorRT is contiguous and 256-byte aligned. Batches are
+    cut into chunks of at most the profile's max batch; a chunk under its min batch is padded with
+    zero images and the padding's rows are dropped."""
 
     def __init__(self, path, device: str = "cuda"):
-        from .tensorrt import check_compatible, read_sidecar, require_tensorrt
+        from .tensorrt import check_compatible, read_engine, require_tensorrt, trt_logger
 
         trt = require_tensorrt()
         if not str(device).startswith("cuda"):
             raise ExportError("TensorRT engines run on CUDA only: use --device cuda")
-        meta = read_sidecar(path)
+        meta, data = read_engine(path)
         check_compatible(meta, path)
         self._set_meta(meta)
         self.device = "cuda"
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self._runtime = trt.Runtime(trt_logger())
+        self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise ExportError(f"TensorRT could not load {path} (corrupt file, or built elsewhere)")
+            raise ExportError(f"TensorRT could not load {path} (see the TensorRT messages above); "
+                              f"rebuild it with python -m fastprompt.export --format tensorrt")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ExportError(f"TensorRT could not create an execution context for {path} "
+                              f"(out of GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = self.engine.get_tensor_mode
         self.input = next(n for n in names if mode(n) == trt.TensorIOMode.INPUT)
@@ -127,28 +195,45 @@ class TensorRTRunner(Runner):
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
         self._in_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
         self._out_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
+        self._out_dims = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
+        self.stream = torch.cuda.Stream()
+
+    def _fail(self, what: str):
+        raise RunnerError(f"TensorRT {what} (see the TensorRT messages above)")
+
+    def _enqueue(self, inp: torch.Tensor) -> torch.Tensor:
+        """Queue one chunk on self.stream; return its (not yet computed) output."""
+        ctx = self.context
+        if not ctx.set_input_shape(self.input, tuple(inp.shape)):
+            self._fail(f"refused input shape {tuple(inp.shape)} (profile batch "
+                       f"{self.min_batch}..{self.max_batch})")
+        shape = tuple(ctx.get_tensor_shape(self.output_name))
+        if min(shape, default=-1) < 0:
+            self._fail(f"could not infer the output shape ({shape})")
+        out = aligned_empty(shape, self._out_dtype, inp.device)
+        for name, tensor in ((self.input, inp), (self.output_name, out)):
+            if not ctx.set_tensor_address(name, tensor.data_ptr()):
+                self._fail(f"refused the address of {name}")
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            self._fail("execution failed")
+        return out
 
     @torch.no_grad()
     def _forward(self, images):
+        size = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise RunnerError(f"images must be [B, 3, {size}, {size}] for this engine, got "
+                              f"{list(images.shape)}")
         x = images.to("cuda", self._in_dtype)
-        if x.shape[0] < self.min_batch:
-            raise ValueError(f"batch {x.shape[0]} is below the engine's minimum {self.min_batch}")
-        stream = torch.cuda.current_stream(x.device)
-        outs = []
-        for chunk in x.split(self.max_batch):  # the profile's max batch at a time
-            chunk = chunk.contiguous()
-            if not self.context.set_input_shape(self.input, tuple(chunk.shape)):
-                raise ValueError(f"input shape {tuple(chunk.shape)} is outside the engine's profile "
-                                 f"(batch {self.min_batch}..{self.max_batch}, "
-                                 f"{self.image_size}x{self.image_size} images)")
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                              dtype=self._out_dtype, device=x.device)
-            self.context.set_tensor_address(self.input, chunk.data_ptr())
-            self.context.set_tensor_address(self.output_name, out.data_ptr())
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed (see the TensorRT messages above)")
-            outs.append(out)
-        return torch.cat(outs).float()
+        caller = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(caller)  # x is ready before our stream reads it
+        with torch.cuda.stream(self.stream):  # copies, padding, engine and cat in one stream order
+            empty = torch.empty((0, *self._out_dims), dtype=self._out_dtype, device=x.device)
+            out = run_in_chunks(x, self.min_batch, self.max_batch, self._enqueue, empty).float()
+        caller.wait_stream(self.stream)  # the caller's next work sees the outputs
+        x.record_stream(self.stream)     # x's memory is not reused before our stream is done
+        out.record_stream(caller)        # out was allocated on our stream, used on the caller's
+        return out
 
 
 def open_runner(model, device: str | None = None) -> Runner:

@@ -1,29 +1,36 @@
-"""TensorRT engines built from the exported ONNX file (TensorRT 10 Python API).
+"""TensorRT engines built from the exported ONNX file, for TensorRT 10.x and 11.x.
 
-`build_engine(onnx, plan)`: builder -> network from `OnnxParser` -> builder config with
-  - FP16 allowed by default, with every normalisation layer (opset-17 LayerNormalization, imported
-    as INormalizationLayer) and the small head after the last one (ln_post, projection, L2
-    normalisation, text matmul) pinned to FP32 under OBEY_PRECISION_CONSTRAINTS: CLIP's residual
-    stream overflows FP16 in the variance of a LayerNorm otherwise. `fp16=False` builds FP32
-    (TF32 off). TensorRT >= 11 has no weak typing: there the network is strongly typed and runs in
-    the ONNX file's precision (FP32), which is said in the log and recorded in the sidecar.
+`build_engine(onnx, plan)`:
+  - precision lives in the graph: the network is strongly typed (TensorRT 11 knows nothing else;
+    10.12 deprecated the weakly typed controls), so an fp16 build parses the graph rewritten by
+    `fp16.to_mixed_fp16` (fp16 compute, every LayerNorm and the head fp32, fp32 in and out) and
+    an fp32 build parses the exported graph as is; `fp16.check_precision` refuses a graph that
+    does not say what the build asks for. TF32 is cleared in every build (TensorRT enables it by
+    default in 10 and 11), so fp32 tensors are computed in fp32. `build_flags(version)` is that
+    choice of flags, a pure function of the TensorRT version;
   - one optimisation profile over the batch axis (min, opt, max); opt is the deployment batch;
   - a timing cache next to the engine (`X.timing.cache`), read before and written after the build.
-The sidecar `X.plan.json` holds what a runner needs (class names, image size, mean/std, output)
-plus what the engine is bound to (GPU name, TensorRT version, run fingerprint); a runner refuses an
-engine built on another GPU or TensorRT version (`check_compatible`).
+The sidecar `X.plan.json` holds what a runner needs (class names, image size, mean/std, output),
+what the engine is bound to (GPU name, TensorRT version, run fingerprint) and the sha256 of the
+plan: each file is written atomically and `read_engine` refuses a plan that is not the one its
+sidecar describes, or an engine built on another GPU or TensorRT version (`check_compatible`).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastprompt.checkpoint import atomic_write
+
 from .onnx import ExportCheckError, ExportError, compare, export_onnx, read_metadata
 
-SIDECAR_FORMAT = "fastprompt-engine/1"
+SIDECAR_FORMAT = "fastprompt-engine/2"   # /2: plan_sha256 added; /1 sidecars are refused
+SUPPORTED_MAJORS = (10, 11)
 DEFAULT_BATCH = (1, 32, 128)
 FP16_MAX_REL_ERR = 3e-2   # fp16 matmuls / attention vs the fp32 torch classifier
 FP32_MAX_REL_ERR = 1e-3
@@ -33,25 +40,69 @@ class TensorRTUnavailable(ExportError):
     """TensorRT or CUDA is missing (one-line reason)."""
 
 
+@dataclass(frozen=True)
+class BuildFlags:
+    """Enum member names: `network` of NetworkDefinitionCreationFlag to set at create_network,
+    `clear` of BuilderFlag to clear on the builder config. Nothing else is set."""
+
+    network: tuple[str, ...]
+    clear: tuple[str, ...]
+
+
+def tensorrt_major(version: str) -> int:
+    """10 for '10.16.1.11'; TensorRTUnavailable for a version fastprompt does not support."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = -1
+    if major not in SUPPORTED_MAJORS:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} is not supported: fastprompt builds and runs engines with "
+            f"TensorRT 10.x or 11.x (pip install 'fastprompt[tensorrt]')")
+    return major
+
+
+def build_flags(version: str) -> BuildFlags:
+    """The flags for TensorRT `version` (read against NvInfer.h / the Python bindings):
+
+    10.x: STRONGLY_TYPED opts in to strong typing (bit 1 there); the weakly typed FP16 +
+          OBEY_PRECISION_CONSTRAINTS route is deprecated since 10.12 and not used.
+    11.x: always strongly typed; STRONGLY_TYPED is a deprecated, ignored member (bit 0 there),
+          FP16 / BF16 / INT8 / OBEY_PRECISION_CONSTRAINTS no longer exist.
+    Both: TF32 is "enabled by default" (NvInfer.h, BuilderFlag::kTF32) and is cleared.
+    """
+    if tensorrt_major(version) == 10:
+        return BuildFlags(network=("STRONGLY_TYPED",), clear=("TF32",))
+    return BuildFlags(network=(), clear=("TF32",))
+
+
 def require_tensorrt():
-    """The `tensorrt` module (>= 10) and a CUDA device, or TensorRTUnavailable saying what is missing."""
+    """The `tensorrt` module (10.x / 11.x) and a CUDA device, or TensorRTUnavailable saying what
+    is missing."""
     try:
         import tensorrt as trt
     except ImportError:
         raise TensorRTUnavailable("TensorRT is not installed: pip install 'fastprompt[tensorrt]' "
                                   "(needs an NVIDIA GPU with CUDA)") from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: fastprompt needs >= 10")
+    tensorrt_major(trt.__version__)
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT engines need a CUDA device and torch sees none")
     return trt
+
+
+@functools.lru_cache(maxsize=None)
+def trt_logger():
+    """The one TensorRT logger of this process (builders, parsers and runtimes share it)."""
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def parse_batch(text) -> tuple[int, int, int]:
     """'MIN,OPT,MAX' -> (min, opt, max) with 1 <= min <= opt <= max."""
     try:
         vals = tuple(int(v) for v in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
+    except (TypeError, ValueError):
         vals = ()
     if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
         raise ExportError(f"--batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
@@ -73,15 +124,37 @@ def device_info() -> dict:
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
 
 
-def read_sidecar(plan) -> dict:
-    path = sidecar_path(plan)
+def write_engine(plan, data: bytes, sidecar: dict) -> dict:
+    """Write the plan, then its sidecar holding the plan's sha256, each atomically. A crash
+    between the two leaves a pair that `read_engine` refuses (the hashes differ), never a silent
+    mismatch."""
+    sidecar = {**sidecar, "format": SIDECAR_FORMAT, "plan_sha256": hashlib.sha256(data).hexdigest()}
+    plan = Path(plan)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(plan, lambda p: p.write_bytes(data))
+    atomic_write(sidecar_path(plan), lambda p: p.write_text(json.dumps(sidecar, indent=2)))
+    return sidecar
+
+
+def read_engine(plan) -> tuple[dict, bytes]:
+    """(sidecar, plan bytes) after checking that they belong together."""
+    path, plan = sidecar_path(plan), Path(plan)
     if not path.is_file():
         raise ExportError(f"{path} not found: an engine needs the sidecar written next to it by "
                           f"python -m fastprompt.export --format tensorrt")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise ExportError(f"{path} has format {meta.get('format')!r}, expected {SIDECAR_FORMAT!r}")
-    return meta
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else "unreadable JSON"
+        raise ExportError(f"{path} has format {found!r}, expected {SIDECAR_FORMAT!r}: rebuild the "
+                          f"engine with python -m fastprompt.export --format tensorrt")
+    data = plan.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("plan_sha256"):
+        raise ExportError(f"{plan} is not the engine its sidecar {path.name} describes (sha256 "
+                          f"differs: written by another build or cut short); rebuild the engine")
+    return meta, data
 
 
 def check_compatible(meta: dict, plan) -> None:
@@ -90,40 +163,14 @@ def check_compatible(meta: dict, plan) -> None:
     for key, what in (("gpu", "GPU"), ("tensorrt_version", "TensorRT version")):
         if meta.get(key) != here[key]:
             raise ExportError(
-                f"{plan} was built for {what} {meta.get(key)!r} but this machine has {here[key]!r}: "
-                f"TensorRT engines only run where they were built; rebuild it here from the run or "
-                f"the ONNX file (python -m fastprompt.export --format tensorrt ...)")
+                f"{plan} was built for {what} {meta.get(key)!r} but this machine has "
+                f"{here[key]!r}: TensorRT engines only run where they were built; rebuild it here "
+                f"from the run or the ONNX file (python -m fastprompt.export --format tensorrt)")
 
 
-def _write(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _keep_fp32(trt, network) -> int:
-    """Pin normalisation layers and everything after the last one to FP32; return how many."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    norms = [i for i, l in enumerate(layers) if l.type == trt.LayerType.NORMALIZATION]
-    last = norms[-1] if norms else len(layers)
-    skip = {trt.LayerType.CONSTANT, trt.LayerType.SHAPE}
-    floats = (trt.float32, trt.float16)
-    pinned = 0
-    for i, layer in enumerate(layers):
-        if not (i in norms or i >= last) or layer.type in skip:
-            continue
-        outs = [layer.get_output(k) for k in range(layer.num_outputs)]
-        if not all(o.dtype in floats for o in outs):
-            continue  # shape / index arithmetic
-        if layer.type == trt.LayerType.NORMALIZATION:
-            layer.__class__ = trt.INormalizationLayer  # get_layer returns the ILayer base class
-            layer.compute_precision = trt.float32
-        layer.precision = trt.float32
-        for k in range(layer.num_outputs):
-            layer.set_output_type(k, trt.float32)
-        pinned += 1
-    return pinned
+def _enum_flags(enum, names) -> int:
+    """Bit mask of enum members by name (member values differ between 10.x and 11.x)."""
+    return sum(1 << int(getattr(enum, n)) for n in names)
 
 
 def build_engine(onnx_path, plan, batch=DEFAULT_BATCH, fp16: bool = True, timing_cache=None,
@@ -132,40 +179,41 @@ def build_engine(onnx_path, plan, batch=DEFAULT_BATCH, fp16: bool = True, timing
     sidecar; return the sidecar."""
     import onnx
 
+    from .fp16 import check_precision, to_mixed_fp16
+
     trt = require_tensorrt()
+    flags = build_flags(trt.__version__)
     mn, opt, mx = parse_batch(batch)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = onnx.load(str(onnx_path))
     meta = read_metadata({p.key: p.value for p in proto.metadata_props})
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    weak = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10; 11 is strongly typed only
-    flags = 0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+    graph = to_mixed_fp16(proto) if fp16 else proto
+    counts = check_precision(graph, fp16)
+    precision = "fp16" if fp16 else "fp32"
+    log(f"{precision} graph: {counts['fp32_norms']} LayerNorms and {counts['fp32_head_nodes']} "
+        f"head nodes fp32, {counts['fp16_matmuls']} matmuls / convolutions fp16")
+    builder = trt.Builder(trt_logger())
+    network = builder.create_network(_enum_flags(trt.NetworkDefinitionCreationFlag, flags.network))
+    parser = trt.OnnxParser(network, trt_logger())
+    if not parser.parse(graph.SerializeToString()):
+        errors = "; ".join(f"{e.node_name() or e.node()}: {e.desc()}" for e in
+                           (parser.get_error(i) for i in range(parser.num_errors)))
         raise ExportError(f"TensorRT could not parse {onnx_path}: {errors or 'unknown error'}")
+    if network.num_inputs != 1:
+        raise ExportError(f"{onnx_path} has {network.num_inputs} inputs, expected 1 (images)")
     inp = network.get_input(0)
     size = meta["image_size"]
     config = builder.create_builder_config()
+    for name in flags.clear:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+        if config.get_flag(getattr(trt.BuilderFlag, name)):
+            raise ExportError(f"TensorRT {trt.__version__} kept BuilderFlag.{name} set")
     profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (mn, 3, size, size), (opt, 3, size, size), (mx, 3, size, size))
-    config.add_optimization_profile(profile)
-    precision = "fp32"
-    if fp16 and weak:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        precision = "fp16"
-        pinned = _keep_fp32(trt, network)
-        if not any(network.get_layer(i).type == trt.LayerType.NORMALIZATION
-                   for i in range(network.num_layers)):
-            log("warning: the parser produced no normalisation layers, so none could be kept in "
-                "fp32; check the engine's accuracy or build with --fp32")
-        log(f"fp16 build; {pinned} normalisation / head layers kept in fp32")
-    elif fp16:
-        log(f"TensorRT {trt.__version__} is strongly typed only: building in the ONNX file's fp32")
-    elif weak:
-        config.clear_flag(trt.BuilderFlag.TF32)
+    try:
+        profile.set_shape(inp.name, (mn, 3, size, size), (opt, 3, size, size), (mx, 3, size, size))
+    except RuntimeError as err:
+        raise ExportError(f"TensorRT refused the batch profile {mn}/{opt}/{mx}: {err}") from None
+    if config.add_optimization_profile(profile) < 0:
+        raise ExportError(f"TensorRT refused the batch profile {mn}/{opt}/{mx}")
     cache_file = Path(timing_cache) if timing_cache else timing_cache_path(plan)
     blob = cache_file.read_bytes() if cache_file.is_file() else b""
     try:
@@ -174,24 +222,22 @@ def build_engine(onnx_path, plan, batch=DEFAULT_BATCH, fp16: bool = True, timing
     except (RuntimeError, TypeError):  # unreadable cache file
         reused = False
     if not reused:  # none yet, or from another device / TensorRT version: start afresh
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    log(f"building TensorRT {trt.__version__} engine (batch {mn}/{opt}/{mx}) ...")
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise ExportError("TensorRT refused an empty timing cache")
+    log(f"building TensorRT {trt.__version__} engine (batch {mn}/{opt}/{mx}, strongly typed, "
+        f"TF32 off) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError("TensorRT failed to build the engine (see the TensorRT messages above)")
-    plan = Path(plan)
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    _write(plan, serialized)
-    _write(cache_file, config.get_timing_cache().serialize())
-    sidecar = {
-        "format": SIDECAR_FORMAT, "onnx": Path(onnx_path).name, **{k: meta.get(k) for k in (
+    sidecar = write_engine(plan, memoryview(serialized).tobytes(), {
+        "onnx": Path(onnx_path).name, **{k: meta.get(k) for k in (
             "classnames", "image_size", "mean", "std", "output", "method", "backbone",
             "fastprompt_version", "run_fingerprint")},
-        "precision": precision, "batch": {"min": mn, "opt": opt, "max": mx},
-        "input": inp.name, **device_info(),
-    }
-    sidecar_path(plan).write_text(json.dumps(sidecar, indent=2))
-    log(f"wrote {plan} ({plan.stat().st_size / 1e6:.1f} MB), {sidecar_path(plan).name}, "
+        "precision": precision, "tf32": False, "batch": {"min": mn, "opt": opt, "max": mx},
+        "input": inp.name, **device_info()})
+    timings = memoryview(config.get_timing_cache().serialize()).tobytes()
+    atomic_write(cache_file, lambda p: p.write_bytes(timings))
+    log(f"wrote {plan} ({Path(plan).stat().st_size / 1e6:.1f} MB), {sidecar_path(plan).name}, "
         f"{cache_file.name}")
     return sidecar
 
@@ -221,15 +267,15 @@ def check_engine(plan, module, image_size: int, batch: int, fp16: bool, log=prin
 def export_tensorrt(run_dir, out, *, batch=DEFAULT_BATCH, fp16: bool = True, features: bool = False,
                     opset: int = 17, exporter: str = "torchscript", log=print) -> dict:
     """Run -> ONNX (next to the engine, checked) -> engine + sidecar (checked on the GPU)."""
+    from .runners import check_out_suffix
+
+    check_out_suffix("tensorrt", out)
     require_tensorrt()
     batch = parse_batch(batch)
     out = Path(out)
-    if out.suffix == ".onnx":
-        raise ExportError(f"--out {out}: give the engine file (e.g. model.plan); the ONNX file is "
-                          f"written next to it")
     exported = export_onnx(run_dir, out.with_suffix(".onnx"), features=features, opset=opset,
                            exporter=exporter, log=log)
     sidecar = build_engine(exported.path, out, batch, fp16=fp16, log=log)
-    check_engine(out, exported.module, exported.image_size, min(batch[1], batch[2]),
+    check_engine(out, exported.module, exported.image_size, batch[1],
                  sidecar["precision"] == "fp16", log=log)
     return sidecar

@@ -5,7 +5,8 @@ using evaluation's preprocessing (`test_transform` with the model's image size, 
 Prints the top-k classes with softmax probabilities per image (`--json`: one JSON object a line).
 Directories are searched recursively for image files. Unreadable images are reported by path on
 stderr and skipped. Exit status: 0 when at least one image was classified, 1 when none could be
-read, 2 for bad input (model not found, unknown format, missing path), with one line on stderr.
+read or the model failed while running, 2 for bad input (model not found, unknown format, missing
+path), with one line on stderr.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                 raise InputError("--device cuda: torch sees no CUDA device")
         paths = image_paths(args.images)
         from fastprompt.export.onnx import ExportError
-        from fastprompt.export.runners import open_runner
+        from fastprompt.export.runners import RunnerError, open_runner
 
         try:
             runner = open_runner(args.model, args.device)
@@ -145,7 +146,11 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    done = predict(runner, paths, args.topk, args.batch_size, args.json)
+    try:
+        done = predict(runner, paths, args.topk, args.batch_size, args.json)
+    except RunnerError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     if done == 0:
         print(f"{PROG}: error: none of the {len(paths)} images could be read", file=sys.stderr)
         return 1
