@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastprompt.errors import ExportCheckError, ExportError, require
+from fastprompt.files import atomic_write
+
 MIN_OPSET = 17
 INPUT = "images"
 EXPORTERS = ("torchscript", "dynamo")
 MAX_REL_ERR = 1e-3
-
-
-class ExportError(ValueError):
-    """Bad input for an export (one-line reason): missing run, unsupported method, bad option."""
-
-
-class ExportCheckError(RuntimeError):
-    """The exported file does not reproduce the torch classifier."""
 
 
 def run_fingerprint(run_dir) -> str:
@@ -58,18 +54,18 @@ def run_fingerprint(run_dir) -> str:
 def load_run(run_dir):
     """fp.load(run_dir), with every failure turned into a one-line ExportError."""
     import fastprompt as fp
-    from fastprompt.checkpoint import CheckpointError
     from fastprompt.clip import BackboneError
+    from fastprompt.errors import FastpromptError, first_line
 
     path = Path(run_dir)
     if not path.is_dir():
         raise ExportError(f"run directory not found: {run_dir}")
     try:
         return fp.load(path)
-    except (CheckpointError, BackboneError) as err:
-        raise ExportError(str(err)) from None
-    except ValueError as err:  # unknown method / option in config.json
-        raise ExportError(f"{run_dir}: {err}") from None
+    except ExportError:
+        raise
+    except (FastpromptError, BackboneError) as err:  # checkpoint, backbone, options in config.json
+        raise ExportError(first_line(err)) from None
 
 
 def exportable_classifier(model) -> nn.Module:
@@ -117,16 +113,41 @@ def metadata(model, clf, features: bool, fingerprint: str | None) -> dict[str, s
     }
 
 
-def read_metadata(props: dict[str, str]) -> dict:
-    """Parse the metadata_props written by `metadata` (raises ExportError if they are missing)."""
+def read_metadata(props: dict[str, str], where="the model") -> dict:
+    """Parse and check the metadata_props written by `metadata`: ExportError (one line naming the
+    key) if one is missing or malformed."""
     missing = [k for k in ("classnames", "image_size", "mean", "std", "output") if k not in props]
     if missing:
-        raise ExportError(f"not a fastprompt export: metadata lacks {', '.join(missing)}")
+        raise ExportError(f"{where} is not a fastprompt export: its metadata lacks "
+                          f"{', '.join(missing)}; export it again with python -m fastprompt.export")
     out = dict(props)
+
+    def bad(key, want):
+        return ExportError(f"metadata '{key}' of {where} is {str(props.get(key))[:60]!r}, expected "
+                           f"{want}: export the run again")
+
     for key in ("classnames", "mean", "std", "backbone"):
         if key in out:
-            out[key] = json.loads(out[key])
-    out["image_size"] = int(out["image_size"])
+            try:
+                out[key] = json.loads(out[key])
+            except (ValueError, TypeError, RecursionError):
+                raise bad(key, "JSON") from None
+    names = out["classnames"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise bad("classnames", "a JSON list of class names")
+    for key in ("mean", "std"):
+        v = out[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)):
+            raise bad(key, "a JSON list of 3 finite numbers")
+    if min(out["std"]) <= 0:
+        raise bad("std", "positive numbers")
+    text = str(out["image_size"]).strip()
+    if not text.isdigit() or not 1 <= int(text) <= 16384:
+        raise bad("image_size", "an integer from 1 to 16384")
+    out["image_size"] = int(text)
+    if out["output"] not in ("logits", "features"):
+        raise bad("output", "'logits' or 'features'")
     return out
 
 
@@ -193,8 +214,8 @@ class CheckResult:
     per_batch: dict = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool:
-        return self.max_rel <= MAX_REL_ERR and self.top1_same
+    def ok(self) -> bool:  # NaN compares False, so a NaN error can never pass
+        return bool(self.max_rel <= MAX_REL_ERR) and self.top1_same
 
     def line(self) -> str:
         top1 = "same top-1" if self.top1_same else "DIFFERENT top-1"
@@ -203,7 +224,14 @@ class CheckResult:
 
 
 def compare(ref: np.ndarray, got: np.ndarray, top1: bool = True) -> tuple[float, float, bool]:
-    """max abs error, max rel error (over max |ref|), and whether every row has the same argmax."""
+    """max abs error, max rel error (over max |ref|), and whether every row has the same argmax.
+    NaN-aware: a NaN or inf on either side (or a shape mismatch) is an infinite error and a
+    different top-1, never "0" (NumPy's max would propagate or skip it)."""
+    ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape or not (np.isfinite(ref).all() and np.isfinite(got).all()):
+        return float("inf"), float("inf"), False
+    if ref.size == 0:
+        return 0.0, 0.0, True
     err = float(np.abs(ref - got).max())
     same = bool((ref.argmax(1) == got.argmax(1)).all()) if top1 else True
     return err, err / max(float(np.abs(ref).max()), 1e-12), same
@@ -214,8 +242,7 @@ def check_onnx(path, module: nn.Module, image_size: int, batches=(1, 3), seed: i
                logits: bool = True) -> CheckResult:
     """Run the ONNX file with onnxruntime (CPU) and the torch module on the same random images
     (top-1 is compared for logits only)."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", what="checking an ONNX export")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
     res = CheckResult()
@@ -248,10 +275,16 @@ def export_onnx(source, out, *, features: bool = False, opset: int = MIN_OPSET,
     """Export a run directory (or an in-memory model) to `out`; check it with onnxruntime.
 
     Raises ExportError for bad input and ExportCheckError when onnxruntime disagrees with torch
-    (rel err > 1e-3 or a different top-1); the file is written either way so it can be inspected.
+    (rel err > 1e-3, a different top-1, or NaN/inf outputs). The file is written atomically and
+    only once it passed the check, so an existing `out` is never lost: a file that fails the check
+    is left next to it as `<name>.rejected.onnx` for inspection. Every optional package the export
+    needs is checked before any work (MissingDependency naming the extra).
     """
-    import onnx
-
+    onnx = require("onnx", what="ONNX export")
+    if check:
+        require("onnxruntime", what="the check of an ONNX export")
+    if exporter == "dynamo":
+        require("onnxscript", what="the dynamo exporter")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter '{exporter}': choose {' or '.join(EXPORTERS)}")
     if int(opset) < MIN_OPSET:
@@ -282,16 +315,25 @@ def export_onnx(source, out, *, features: bool = False, opset: int = MIN_OPSET,
     onnx.checker.check_model(proto)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {exporter} exporter; "
-        f"{model.name}, {len(clf.classnames)} classes, {'features' if features else 'logits'} out)")
-    result = OnnxExport(path, model.name, list(clf.classnames), size,
-                        "features" if features else "logits", None, model, module)
-    if check:
-        result.check = check_onnx(path, module, size, logits=not features)
+    output = "features" if features else "logits"
+    result = OnnxExport(path, model.name, list(clf.classnames), size, output, None, model, module)
+
+    def write_checked(tmp: Path) -> None:
+        onnx.save(proto, str(tmp))
+        if not check:
+            return
+        result.check = check_onnx(tmp, module, size, logits=not features)
         log(result.check.line())
         if not result.check.ok:
-            raise ExportCheckError(f"{path} does not reproduce the torch classifier: {result.check.line()}"
-                                   f" (tolerance: rel err <= {MAX_REL_ERR:g} and the same top-1)")
+            rejected = path.with_name(f"{path.stem}.rejected{path.suffix or '.onnx'}")
+            os.replace(tmp, rejected)
+            raise ExportCheckError(f"the export does not reproduce the torch classifier: "
+                                   f"{result.check.line()} (tolerance: rel err <= {MAX_REL_ERR:g} "
+                                   f"and the same top-1); {path} left as it was, the export kept "
+                                   f"as {rejected}")
+
+    atomic_write(path, write_checked)
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {exporter} exporter; "
+        f"{model.name}, {len(clf.classnames)} classes, {output} out)")
     return result
