@@ -26,7 +26,9 @@ def test_shipped_weights_match_their_record():
     assert hashlib.sha256(Path(WEIGHTS).read_bytes()).hexdigest() == record["sha256"]
     assert Path(WEIGHTS).stat().st_size < 25e6
     clip = fp.load_clip("tiny", pretrained="shapes")
-    assert clip.source == {"model": "tiny", "pretrained": "shapes", "seed": 0}
+    assert clip.source == {"model": "tiny", "pretrained": "shapes", "seed": 0, "quick_gelu": False,
+                           "fingerprint": clip.fingerprint}
+    assert len(clip.fingerprint) == 16 and clip.fingerprint != fp.load_clip("tiny").fingerprint
     random = fp.load_clip("tiny")
     assert not torch.equal(clip.model.visual.proj, random.model.visual.proj)
 
