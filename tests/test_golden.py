@@ -195,7 +195,7 @@ def test_golden_training_loss_and_grads(name, clip):
                 f"{float(g['loss_terms/param_sum_sq']):.6f} weighted 1/16, feature "
                 f"{float(g['loss_terms/feature']):.6f}, logit_distill {float(g['loss_terms/logit_distill']):.6f})")
     gap = float((loss.detach() - g["loss"]).abs())
-    assert gap <= LOSS_ATOL, f"{name}: loss {float(loss):.6f} vs official {float(g['loss']):.6f}{hint}"
+    assert gap <= LOSS_ATOL, f"{name}: loss {float(loss.detach()):.6f} vs official {float(g['loss']):.6f}{hint}"
     want = expected_grads(g, mapped)
     ours = model.trainable_state()
     assert sorted(want) == sorted(ours), "every trainable tensor needs a golden gradient"

@@ -86,26 +86,64 @@ def test_bad_input_exits_with_one_line(args, needle, tmp_path, capsys):
     assert code == 2 and needle in err and err.count("\n") == 1
 
 
+def checkpoint_epoch(run_dir):
+    """The finished epoch a run's checkpoint records, and whether all its tensors are finite."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as f:
+        finite = all(bool(f.get_tensor(k).isfinite().all()) for k in f.keys())
+        return int(f.metadata()["epoch"]), finite
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, capsys):
+    """Epoch 1 (the 1e-5 warm-up) trains; epoch 2 at lr 1e32 diverges: one line naming epoch 2,
+    and the run keeps epoch 1's checkpoint and adapter, finite, from which --resume continues."""
     cfg = tmp_path / "recipe.json"
-    cfg.write_text(json.dumps({"warmup_epochs": 0, "lr": 1e32, "epochs": 2}))
+    cfg.write_text(json.dumps({"warmup_epochs": 1, "lr": 1e32, "epochs": 2}))
     out = tmp_path / "r"
-    code, _, err = run_cli(["--config", str(cfg), "--method", "coop", "--out", str(out),
-                            "--no-progress", "--shots", "4", "--batch-size", "4"], capsys)
-    assert code == 2 and "nan" in err.lower() and "--lr" in err
+    args = ["--method", "coop", "--out", str(out), "--no-progress", "--shots", "2", "--batch-size", "8"]
+    code, _, err = run_cli(["--config", str(cfg), *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and "epoch 2" in err and "--lr" in err, err
+    assert checkpoint_epoch(out) == (1, True)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    saved = load_file(str(out / "adapter.safetensors"))
+    assert saved and all(bool(t.isfinite().all()) for t in saved.values())
+    cfg.write_text(json.dumps({"warmup_epochs": 1, "lr": 0.002, "epochs": 2}))
+    code, stdout, _ = run_cli(["--config", str(cfg), *args, "--resume"], capsys)
+    assert code == 0 and checkpoint_epoch(out) == (2, True), stdout
 
 
-def test_resume_continues_a_killed_run_exactly(tmp_path, capsys):
-    common = ["--method", "coop", "--no-progress", "--shots", "2", "--batch-size", "2"]
+def test_resume_continues_a_killed_run_exactly(tmp_path, capsys, monkeypatch):
+    """A 3-epoch run interrupted (Ctrl-C) in epoch 3, after the post-warm-up epoch 2 at the full
+    rate had moved the context and the SGD momentum, resumes to the very tensors of an
+    uninterrupted run."""
+    import inspect
+
+    import fastprompt.training as training
+
+    common = ["--method", "coop", "--no-progress", "--shots", "2", "--batch-size", "8", "--epochs", "3"]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert run_cli([*common, "--epochs", "2", "--out", str(whole)], capsys)[0] == 0
-    assert run_cli([*common, "--epochs", "1", "--out", str(part)], capsys)[0] == 0  # "killed" after 1
-    code, _, err = run_cli([*common, "--epochs", "2", "--out", str(part)], capsys)
+    assert run_cli([*common, "--out", str(whole)], capsys)[0] == 0
+    run_epoch = training._run_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:  # 0-indexed
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
+    code, _, err = run_cli([*common, "--out", str(part)], capsys)
+    assert code == 130 and "--resume" in err
+    assert checkpoint_epoch(part) == (2, True)
+    log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and log[1]["lr"] > 100 * log[0]["lr"]  # past warm-up
+    monkeypatch.setattr(training, "_run_epoch", run_epoch)
+    code, _, err = run_cli([*common, "--out", str(part)], capsys)
     assert code == 2 and "--resume" in err  # an existing run is never overwritten silently
-    assert run_cli([*common, "--epochs", "2", "--out", str(part), "--resume"], capsys)[0] == 0
-    a, b = load_file(str(whole / "adapter.safetensors")), load_file(str(part / "adapter.safetensors"))
-    assert torch.equal(a["ctx"], b["ctx"])
-    assert len((part / "log.jsonl").read_text().splitlines()) == 2
+    assert run_cli([*common, "--out", str(part), "--resume"], capsys)[0] == 0
+    a, b = load_file(str(whole / "checkpoint.safetensors")), load_file(str(part / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and {"param/ctx", "momentum/ctx"} <= a.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((part / "log.jsonl").read_text().splitlines()) == 3
 
 
 def test_eval_only_reproduces_the_run(tmp_path, capsys):
