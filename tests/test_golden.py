@@ -3,9 +3,9 @@
 The data are in `shared/parity/` (see its README): seven official runs on one fixed random
 ViT-B/16, each with the trained tensors set to known values, the eval logits, the training loss and
 the gradient of every trainable tensor for one fixed batch. Here each method is built the way a
-user builds it (`fp.load_clip("ViT-B-16", pretrained=<OpenAI-layout .pt>)`, then `fp.create` with
-the options of the run's config), the official tensors are copied in by the correspondence the
-JSON describes (typed out below, not taken from `fastprompt.original`), and everything is compared
+user builds it (`fp.load_clip("ViT-B-16", pretrained=<OpenAI-layout .pt>, quick_gelu=True)`, then
+`fp.create` with the options of the run's config), the official tensors are copied in by the
+correspondence the JSON describes (typed out below, not taken from `fastprompt.original`), and everything is compared
 at the README's tolerances: logits and loss atol 1e-4, per tensor max|Δgrad| <= 1e-3 * max|grad|.
 
 The folder is `$FASTPROMPT_PARITY`, else `<repo>/../shared/parity`. Without it (a user's clone)
@@ -60,7 +60,9 @@ def golden(name: str) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """The parity ViT-B/16, built from its regenerated OpenAI-layout checkpoint as a user would.
-    The 600 MB file is deleted once loaded."""
+    The file is a plain state dict, which cannot say it holds OpenAI-style (QuickGELU) weights, so
+    the user says it (`quick_gelu=True`, what load_clip's warning asks for; README, "The backbone's
+    MLP activation"). The 600 MB file is deleted once loaded."""
     spec = importlib.util.spec_from_file_location("parity_make_weights", PARITY / "make_weights.py")
     make_weights = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_weights)
@@ -71,7 +73,7 @@ def clip(tmp_path_factory):
     torch.save(state, path)
     del state
     try:
-        return fp.load_clip("ViT-B-16", pretrained=str(path))
+        return fp.load_clip("ViT-B-16", pretrained=str(path), quick_gelu=True)
     finally:
         path.unlink()
 
