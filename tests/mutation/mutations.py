@@ -1,0 +1,165 @@
+"""The fixed list of semantic mutations run by `tests/mutation/run.py`.
+
+Each is one textual edit of the library (`old` must occur exactly once in `path`) that changes
+what a method, loss, metric or the training loop computes — the kind of slip a reviewer could miss
+and the suite must catch — with the tests that should catch it (pytest node ids or files).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    what: str
+
+
+REF = "tests/test_references.py"
+GOLD = "tests/test_golden.py"
+DEEP = f"{REF}::test_deep_prompts_match_reference"
+LAMM = f"{REF}::test_lamm_loss_terms_match_reference"
+MMA = f"{REF}::test_mma_matches_reference"
+DETAILS = "tests/test_method_details.py"
+TRAIN = "tests/test_train.py"
+
+
+def golden(*names: str) -> tuple[str, ...]:
+    return tuple(f"{GOLD}::{t}[{n}]" for n in names
+                 for t in ("test_golden_eval_logits", "test_golden_training_loss_and_grads"))
+
+
+MUTATIONS = [
+    # ---------------------------------------------------------------- CoOp, CoCoOp
+    Mutation("coop-context-over-sos", "fastprompt/methods/coop.py",
+             "return insert_rows(template.embeddings, self.context_for(template), 1)",
+             "return insert_rows(template.embeddings, self.context_for(template), 0)",
+             (f"{REF}::test_coop_matches_reference", *golden("coop")), "context written over SOS"),
+    Mutation("cocoop-shift-subtracted", "fastprompt/methods/cocoop.py",
+             "ctx = self.ctx + self.meta_net(img).unsqueeze(1)",
+             "ctx = self.ctx - self.meta_net(img).unsqueeze(1)",
+             (f"{REF}::test_cocoop_matches_reference", *golden("cocoop")), "meta-net shift subtracted"),
+    # ---------------------------------------------------------------- MaPLe, IVLP, prompt slots
+    Mutation("maple-couplings-reversed", "fastprompt/methods/maple.py",
+             "zip(self.deep_text, self.deep_proj)", "zip(self.deep_text, self.deep_proj[::-1])",
+             (DEEP, *golden("maple")), "deep coupling layers wired in reverse order"),
+    Mutation("maple-shallow-coupling-detached", "fastprompt/methods/maple.py",
+             "prompts = {0: self.proj(self.ctx)}", "prompts = {0: self.proj(self.ctx.detach())}",
+             (DEEP, *golden("maple")), "no gradient from the vision prompt into the text context"),
+    Mutation("deep-text-prompts-one-layer-late", "fastprompt/methods/maple.py",
+             "TowerHooks(prompts={i + 1: p for i, p in enumerate(self.deep_text)})",
+             "TowerHooks(prompts={i + 2: p for i, p in enumerate(self.deep_text)})",
+             (DEEP, *golden("maple")), "deep text prompt i at block i+2"),
+    Mutation("ivlp-vision-prompts-one-layer-late", "fastprompt/methods/maple.py",
+             "TowerHooks(prompts={i: p for i, p in enumerate(self.vision)})",
+             "TowerHooks(prompts={i + 1: p for i, p in enumerate(self.vision)})",
+             (DEEP,), "IVLP's shallow vision prompt used at block 1, the others one block late"),
+    Mutation("text-prompts-over-sos", "fastprompt/backbone.py",
+             "opts: RunOptions = RunOptions(), prompt_start: int = 1,",
+             "opts: RunOptions = RunOptions(), prompt_start: int = 0,",
+             (DEEP, *golden("maple")), "deep text prompts at rows 0..n-1 instead of 1..n"),
+    Mutation("vision-deep-prompts-after-cls", "fastprompt/backbone.py",
+             "start = x.shape[1] - p.shape[-2] if p is not None else 0",
+             "start = 1 if p is not None else 0",
+             (DEEP, *golden("maple")), "deep vision prompts over the first patches, not the last rows"),
+    Mutation("vision-shallow-prompts-before-patches", "fastprompt/backbone.py",
+             "x = torch.cat([x, shallow], dim=1)", "x = torch.cat([x[:, :1], shallow, x[:, 1:]], dim=1)",
+             (DEEP, *golden("maple")), "shallow vision prompts inserted after CLS, not appended"),
+    # ---------------------------------------------------------------- MMA
+    Mutation("mma-adapter-reads-x", "fastprompt/backbone.py",
+             "y = adapter(h, y, fused=opts.kernels)", "y = adapter(x, y, fused=opts.kernels)",
+             (MMA, *golden("mma")), "adapter fed x instead of ln_1(x)"),
+    Mutation("mma-adapters-one-layer-late", "fastprompt/methods/mma.py",
+             "int(k) - 1: Adapter(", "int(k): Adapter(",
+             (MMA, *golden("mma")), "adapter k at block k (the top one dropped)"),
+    Mutation("mma-tower-scales-swapped", "fastprompt/methods/mma.py",
+             "return self._hooks(self.text_adapter, self.config.text_scale)",
+             "return self._hooks(self.text_adapter, self.config.vision_scale)",
+             (MMA,), "text adapters scaled by the vision scale"),
+    Mutation("mma-no-gradient-scale", "fastprompt/methods/mma.py",
+             "b.up, scale, self.config.grad_scale)", "b.up, scale, False)",
+             (MMA, f"{DETAILS}::test_mma_gradient_scale_rule", *golden("mma")),
+             "the gradient-scale rule ignored"),
+    # ---------------------------------------------------------------- LAMM
+    Mutation("lamm-feature-term-sign", "fastprompt/methods/lamm.py",
+             "loss = loss + several * cfg.feature_weight * (1 - cos).mean()",
+             "loss = loss - several * cfg.feature_weight * (1 - cos).mean()",
+             (LAMM, *golden("lamm")), "feature term subtracted"),
+    Mutation("lamm-mask-needs-all-different", "fastprompt/methods/lamm.py",
+             "several = (labels != labels[:1]).any()", "several = (labels != labels[:1]).all()",
+             (LAMM,), "feature term only when no label repeats the first"),
+    Mutation("lamm-mask-dropped", "fastprompt/methods/lamm.py",
+             "several = (labels != labels[:1]).any()", "several = (labels == labels).any()",
+             (LAMM,), "feature term also for one-label batches"),
+    Mutation("lamm-distillation-reversed", "fastprompt/methods/lamm.py",
+             "soft = F.cross_entropy(fixed / T, F.softmax(logits / T, dim=-1))",
+             "soft = F.cross_entropy(logits / T, F.softmax(fixed / T, dim=-1))",
+             (LAMM, *golden("lamm")), "distillation direction swapped"),
+    Mutation("lamm-detach-direction", "fastprompt/methods/lamm.py",
+             "cos = F.cosine_similarity(t[labels], t0[labels].detach(), dim=-1)",
+             "cos = F.cosine_similarity(t[labels].detach(), t0[labels], dim=-1)",
+             (LAMM, *golden("lamm")), "stop-gradient on the learned side instead of t0"),
+    Mutation("lamm-distillation-teacher-detached", "fastprompt/methods/lamm.py",
+             "logits, fixed = self.logits_from(img, t), self.logits_from(img, t0)",
+             "logits, fixed = self.logits_from(img, t), self.logits_from(img, t0.detach())",
+             (LAMM, *golden("lamm_coop")), "t0 detached in the logit term (the original detaches neither)"),
+    Mutation("lamm-param-weight-ignores-shots", "fastprompt/methods/lamm.py",
+             "return 1.0 / self.shots if self.param_weight is None", "return 1.0 if self.param_weight is None",
+             (LAMM, *golden("lamm")), "parameter term weighted 1 instead of 1/shots"),
+    Mutation("lamm-temperature-not-squared", "fastprompt/methods/lamm.py",
+             "cfg.logit_weight * T * T * soft", "cfg.logit_weight * T * soft",
+             (LAMM, *golden("lamm")), "logit term weighted T instead of T^2"),
+    Mutation("lamm-unseen-classes-get-learned-rows", "fastprompt/methods/lamm.py",
+             "torch.where(known[:, None, None], learned, own)", "torch.where(known[:, None, None], own, learned)",
+             (f"{DETAILS}::test_lamm_label_rows_and_unseen_classes",), "learned and original rows swapped"),
+    # ---------------------------------------------------------------- shared logits
+    Mutation("logit-scale-dropped", "fastprompt/methods/base.py",
+             "return self.backbone.logit_scale() * image_features @ text_features.t()",
+             "return image_features @ text_features.t()",
+             (f"{REF}::test_coop_matches_reference", *golden("coop")), "cosine logits without exp(logit_scale)"),
+    # ---------------------------------------------------------------- metrics
+    Mutation("hm-is-arithmetic-mean", "fastprompt/evaluate.py",
+             "2 * base * novel / (base + novel)", "(base + novel) / 2",
+             ("tests/test_metrics.py",), "harmonic mean replaced by the arithmetic mean"),
+    Mutation("accuracy-argmin", "fastprompt/evaluate.py",
+             "correct += int((logits.argmax(-1) == labels).sum())",
+             "correct += int((logits.argmin(-1) == labels).sum())",
+             ("tests/test_metrics.py",), "argmin instead of argmax"),
+    Mutation("accuracy-last-batch-only", "fastprompt/evaluate.py",
+             "correct += int((logits.argmax(-1) == labels).sum())",
+             "correct = int((logits.argmax(-1) == labels).sum())",
+             ("tests/test_metrics.py",), "correct count overwritten per batch"),
+    # ---------------------------------------------------------------- training loop
+    Mutation("ddp-without-sampler", "fastprompt/training.py",
+             "    if env.world_size > 1:\n        sampler = DistributedSampler(",
+             "    if False:\n        sampler = DistributedSampler(",
+             ("tests/test_ddp.py",), "every rank trains on the whole dataset"),
+    Mutation("ddp-same-order-every-epoch", "fastprompt/training.py",
+             "sampler.set_epoch(epoch)", "sampler.set_epoch(0)",
+             ("tests/test_ddp.py",), "the distributed sampler never reshuffles"),
+    Mutation("grads-accumulate", "fastprompt/training.py",
+             "optimizer.zero_grad(set_to_none=True)", "pass",
+             (f"{TRAIN}::test_resume_continues_a_killed_run_exactly", "tests/test_ddp.py"),
+             "gradients never cleared between steps"),
+    Mutation("nan-check-dropped", "fastprompt/training.py",
+             "finite &= torch.isfinite(loss.detach())", "finite &= torch.isfinite(loss.detach()) | True",
+             (f"{TRAIN}::test_nan_loss_stops_with_clear_error_and_keeps_checkpoint",),
+             "a NaN loss is not noticed"),
+    Mutation("resume-without-momentum", "fastprompt/training.py",
+             'optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)', "pass",
+             (f"{TRAIN}::test_resume_continues_a_killed_run_exactly",), "resume restarts SGD momentum"),
+    Mutation("augmentation-seed-ignores-epoch", "fastprompt/training.py",
+             "torch.manual_seed(epoch_seed(env.seed, epoch))", "torch.manual_seed(epoch_seed(env.seed, 0))",
+             (f"{TRAIN}::test_resume_continues_a_killed_run_exactly",), "the same augmentation every epoch"),
+    # ---------------------------------------------------------------- kernels inside models
+    Mutation("kernel-adapter-drops-up-bias", "kernels/adapter.py",
+             "o = yv.to(tl.float32) + scale * (f + bu[None, :])", "o = yv.to(tl.float32) + scale * f",
+             ("tests/test_interpreted_fast_path.py",), "Triton adapter forgets the up-projection bias"),
+    Mutation("kernel-insert-ignores-prompts", "kernels/insert_layernorm.py",
+             "v = tl.where(is_p[:, None], _cvt(pv, act, EMU), xv)", "v = xv",
+             ("tests/test_interpreted_fast_path.py",), "Triton insertion leaves the prompt rows out"),
+]
