@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
+from ..errors import short_repr
 
 __all__ = ["OriginalCheckpointError", "load_original", "original_state_dict", "save_original",
            "find_checkpoint"]
@@ -89,7 +90,8 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
     layout, sd = _layout(method), {}
     for key, value in raw.items():
         if not isinstance(value, torch.Tensor):
-            raise OriginalCheckpointError(f"checkpoint key '{key}' is not a tensor ({value!r:.40})")
+            raise OriginalCheckpointError(f"checkpoint key {short_repr(key)} is not a tensor "
+                                          f"({short_repr(value)})")
         full = full_key(layout, key[len("module."):] if key.startswith("module.") else key)
         sd[full] = value.float() if value.is_floating_point() and not ignorable(layout, full) else value
     return sd, obj
