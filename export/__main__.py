@@ -1,7 +1,7 @@
 """python -m fastprompt.export --run RUN_DIR --format onnx|tensorrt --out FILE [options]
 
 Exit status: 0 exported and checked; 1 the check failed, or the engine failed while being checked
-(the file is kept for inspection); 2 bad input (missing run, unsupported method, TensorRT/CUDA
+(the rejected file is kept for inspection; an ONNX --out that existed is left as it was); 2 bad input (missing run, unsupported method, TensorRT/CUDA
 missing, bad option, an --out suffix that predict could not open), one line on stderr.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .onnx import EXPORTERS, MIN_OPSET, ExportCheckError, ExportError
-from .runners import RunnerError, check_out_suffix
+from .onnx import EXPORTERS, MIN_OPSET
+from .runners import check_out_suffix
 from .tensorrt import DEFAULT_BATCH
 
 
@@ -43,29 +43,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: see the module docstring; errors are one line (`fastprompt.cli.run_cli`)."""
+    from fastprompt.cli import run_cli
+
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     args = parser().parse_args(argv)
-    prog = "python -m fastprompt.export"
-    try:
-        check_out_suffix(args.format, args.out)
-        if args.format == "onnx":
-            from .onnx import export_onnx
+    check_out_suffix(args.format, args.out)
+    if args.format == "onnx":
+        from .onnx import export_onnx
 
-            export_onnx(args.run, args.out, features=args.features, opset=args.opset,
-                        exporter=args.exporter)
-        else:
-            from .tensorrt import export_tensorrt, parse_batch
+        export_onnx(args.run, args.out, features=args.features, opset=args.opset,
+                    exporter=args.exporter)
+    else:
+        from .tensorrt import export_tensorrt, parse_batch
 
-            export_tensorrt(args.run, args.out, batch=parse_batch(args.batch), fp16=not args.fp32,
-                            features=args.features, opset=args.opset, exporter=args.exporter)
-    except ExportError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # unwritable --out, full disk, ...
-        print(f"{prog}: error: {err.strerror or err}: {err.filename or args.out}", file=sys.stderr)
-        return 2
-    except (ExportCheckError, RunnerError) as err:
-        print(f"{prog}: check failed: {err}", file=sys.stderr)
-        return 1
+        export_tensorrt(args.run, args.out, batch=parse_batch(args.batch), fp16=not args.fp32,
+                        features=args.features, opset=args.opset, exporter=args.exporter)
     return 0
 
 

@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastprompt.errors import FastpromptError
+
 from .onnx import ExportError, read_metadata
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs it (NvInferRuntime.h, TRT 10/11)
 
 
-class RunnerError(RuntimeError):
-    """A model failed while running (one-line reason)."""
+class RunnerError(FastpromptError, RuntimeError):
+    """A model failed while running (one-line reason; exit status 1 in the CLIs)."""
+
+    exit_code = 1
 
 
 def check_out_suffix(fmt: str, out) -> None:
@@ -146,7 +150,7 @@ class OnnxRunner(Runner):
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ExportError(f"cannot load {path} with onnxruntime: {first}") from None
         self.device = device
-        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map))
+        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path))
         self.input = self.session.get_inputs()[0].name
 
     def _forward(self, images):

@@ -89,7 +89,7 @@ def run_cli(body: Callable[[], int],
         print(interrupted, file=sys.stderr)
         return 130
     except FastpromptError as err:
-        error(first_line(err))
+        print(f"{err.prefix}: {first_line(err)}", file=sys.stderr)
         return err.exit_code
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in EXTRAS:

@@ -16,6 +16,7 @@ class FastpromptError(Exception):
     """Base of every expected failure (one-line message naming the problem and the fix)."""
 
     exit_code = 2
+    prefix = "error"   # what the CLI handler prints before the message
 
 
 class InputError(FastpromptError, ValueError):
@@ -54,6 +55,7 @@ class ExportCheckError(FastpromptError, RuntimeError):
     """An exported file that does not reproduce the torch classifier (exit status 1)."""
 
     exit_code = 1
+    prefix = "check failed"
 
 
 class MissingDependency(FastpromptError, ImportError):
@@ -90,8 +92,15 @@ def require(*modules: str, what: str = ""):
 
 
 def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name if it has none)."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    """The first non-empty line of an exception's message (its type name if it has none). For
+    an error re-raised from a DataLoader worker ("Caught X in DataLoader worker process N" plus
+    the worker's traceback), the original error's own message."""
+    text = str(err)
+    if "Original Traceback (most recent call last)" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and " " not in head else last
+    lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[0].strip() if lines else type(err).__name__
 
 

@@ -16,11 +16,9 @@ import os
 import sys
 from typing import Iterator
 
+from fastprompt.errors import InputError  # noqa: F401 - also importable from here, as before
+
 PROG = "python -m fastprompt.predict"
-
-
-class InputError(ValueError):
-    """Bad command-line input (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,26 +58,26 @@ def image_paths(inputs: list[str]) -> list[str]:
     return paths
 
 
-def read_image(path: str):
-    """RGB PIL image, or None after reporting the path on stderr."""
-    from PIL import Image
+def read_image(path: str, image_size: int | None = None):
+    """8-bit RGB PIL image as training and evaluation read it (`fastprompt.data.decode`: 16-bit
+    and palette images, bounded work per image), or None after reporting the path on stderr."""
+    from fastprompt.data.decode import ImageReadError, open_rgb
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # forces the full decode
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ...
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        print(f"{PROG}: cannot read image {path}: {reason}", file=sys.stderr)
+        return open_rgb(path, image_size)
+    except ImageReadError as err:
+        print(f"{PROG}: cannot read image {path}: {err}", file=sys.stderr)
         return None
 
 
-def batches(paths: list[str], transform, size: int) -> Iterator[tuple[list[str], object]]:
+def batches(paths: list[str], transform, size: int,
+            image_size: int | None = None) -> Iterator[tuple[list[str], object]]:
     """(paths, image tensor [B, 3, S, S]) batches of the readable images."""
     import torch
 
     names, tensors = [], []
     for path in paths:
-        img = read_image(path)
+        img = read_image(path, image_size)
         if img is None:
             continue
         names.append(path)
@@ -97,8 +95,11 @@ def format_line(path: str, top: list[tuple[str, float]]) -> str:
 
 def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_json: bool = False,
             out=None) -> int:
-    """Classify `paths`, print one result per readable image; return how many were classified."""
+    """Classify `paths`, print one result per readable image; return how many were classified.
+    A model output holding NaN/inf is a RunnerError (the model is broken), never printed."""
     import torch
+
+    from fastprompt.export.runners import RunnerError
 
     out = sys.stdout if out is None else out
     from fastprompt.data import test_transform
@@ -106,16 +107,22 @@ def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_js
     transform = test_transform(runner.image_size, runner.mean, runner.std)
     k = max(1, min(topk, len(runner.classnames)))
     done = 0
-    for names, x in batches(paths, transform, batch_size):
+    for names, x in batches(paths, transform, batch_size, runner.image_size):
         if runner.device == "cuda":
             x = x.cuda()
-        probs = torch.softmax(runner.run(x).float().cpu(), dim=-1)
+        logits = runner.run(x).float().cpu()
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        if bad:
+            raise RunnerError(f"the model's output for {names[bad[0]]} holds NaN/inf: the model is "
+                              f"broken; train or export it again")
+        probs = torch.softmax(logits, dim=-1)
         values, index = probs.topk(k, dim=-1)
         for path, vals, idx in zip(names, values.tolist(), index.tolist()):
             top = [(runner.classnames[i], v) for i, v in zip(idx, vals)]
             if as_json:
                 print(json.dumps({"image": path, "top": [{"class": c, "prob": round(p, 6)}
-                                                         for c, p in top]}), file=out)
+                                                         for c, p in top]}, allow_nan=False),
+                      file=out)
             else:
                 print(format_line(path, top), file=out)
             done += 1
@@ -123,36 +130,33 @@ def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_js
 
 
 def main(argv=None) -> int:
+    """Exit status: see the module docstring; errors are one line (`fastprompt.cli.run_cli`),
+    and a reader that closes the pipe early (`... | head -1`) ends the run quietly."""
+    from fastprompt.cli import run_cli
+
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    from fastprompt.cli import error
+    from fastprompt.export.runners import open_runner
+
     args = parser().parse_args(argv)
-    try:
-        if args.topk < 1 or args.batch_size < 1:
-            raise InputError("--topk and --batch-size must be at least 1")
-        if args.device == "cuda":
-            import torch
+    if args.topk < 1 or args.batch_size < 1:
+        raise InputError("--topk and --batch-size must be at least 1")
+    if args.device == "cuda":
+        import torch
 
-            if not torch.cuda.is_available():
-                raise InputError("--device cuda: torch sees no CUDA device")
-        paths = image_paths(args.images)
-        from fastprompt.export.onnx import ExportError
-        from fastprompt.export.runners import RunnerError, open_runner
-
-        try:
-            runner = open_runner(args.model, args.device)
-        except ExportError as err:
-            raise InputError(str(err)) from None
-        if runner.output != "logits":
-            raise InputError(f"{args.model} outputs image features, not class logits: export it "
-                             f"without --features to classify")
-    except InputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        done = predict(runner, paths, args.topk, args.batch_size, args.json)
-    except RunnerError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: torch sees no CUDA device")
+    paths = image_paths(args.images)
+    runner = open_runner(args.model, args.device)
+    if runner.output != "logits":
+        raise InputError(f"{args.model} outputs image features, not class logits: export it "
+                         f"without --features to classify")
+    done = predict(runner, paths, args.topk, args.batch_size, args.json)
     if done == 0:
-        print(f"{PROG}: error: none of the {len(paths)} images could be read", file=sys.stderr)
+        error(f"none of the {len(paths)} images could be read")
         return 1
     return 0
 
