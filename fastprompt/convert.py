@@ -8,7 +8,8 @@ CHECKPOINT is a `model.pth.tar-N` / `model-best.pth.tar` file or the original ou
 (newest epoch). The class names come from --classnames FILE (one per line, or a JSON list) or from
 --dataset/--data-root (CoOp layouts; --subsample base takes the base half, as the original
 DATASET.SUBSAMPLE_CLASSES). The run directory works with `export`, `predict` and `--eval-only`.
-Bad input: one line on stderr, exit status 2.
+An --out that already holds a run is refused unless --overwrite. Bad input: one line on stderr,
+exit status 2.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import json
 import sys
 import warnings
 from pathlib import Path
+
+from .errors import InputError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,22 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "DATASET.SUBSAMPLE_CLASSES, else all)")
     p.add_argument("--original-config", default=None, help="the original trainer YAML")
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its run files are deleted first)")
     return p.parse_args(argv)
 
 
 def read_classnames(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"class-name file not found: {file}")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".json":
-        names = json.loads(text)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{file} must hold a JSON list of class names")
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        raise InputError(f"class-name file not found: {file}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        names = json.loads(text) if file.suffix == ".json" else \
+            [line.strip() for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise InputError(f"{file} is not a UTF-8 list of class names ({first_line(err)})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{file} must hold a JSON list of class names")
     if not names:
-        raise ValueError(f"{file} holds no class names")
+        raise InputError(f"{file} holds no class names")
     return names
 
 
@@ -67,12 +73,15 @@ def _subsample(args) -> str:
     if args.subsample:
         return args.subsample
     if args.original_config and Path(args.original_config).is_file():
-        import yaml
-        conf = yaml.safe_load(Path(args.original_config).read_text()) or {}
-        value = str((conf.get("DATASET") or {}).get("SUBSAMPLE_CLASSES", "all")).lower()
+        from .train import read_config_file
+
+        conf = read_config_file(Path(args.original_config))
+        dataset = conf.get("DATASET") or {}
+        value = str(dataset.get("SUBSAMPLE_CLASSES", "all") if isinstance(dataset, dict)
+                    else "?").lower()
         if value in ("all", "base"):
             return value
-        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={value!r} in {args.original_config}: a "
+        raise InputError(f"DATASET.SUBSAMPLE_CLASSES={value!r} in {args.original_config}: a "
                          f"checkpoint is trained on 'base' or 'all' classes; pass --subsample")
     return "all"
 
@@ -83,6 +92,9 @@ def run(args) -> Path:
 
     method, checkpoint = args.original
     extra: dict = {}
+    if args.original_config:  # unreadable or bad YAML: one line, before anything is loaded
+        from .train import read_config_file
+        read_config_file(Path(args.original_config))
     if args.classnames:
         classnames = read_classnames(args.classnames)
     else:
@@ -106,18 +118,18 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
+    """Bad input: one line on stderr, exit status 2 (`fastprompt.cli.run_cli`)."""
+    from .cli import run_cli
+
     args = parse_args(argv)
-    try:
+    return run_cli(lambda: _convert(args))
+
+
+def _convert(args) -> int:
+    from .rundir import open_run_dir
+
+    with open_run_dir(args.out, overwrite=args.overwrite):  # never over a run unasked
         out = run(args)
-    except Exception as err:  # expected failures: one line, no traceback
-        from .checkpoint import CheckpointError
-        from .clip import BackboneError
-        from .data import DataError
-        if isinstance(err, (CheckpointError, BackboneError, DataError, ValueError, OSError)):
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
-        raise
     print(f"wrote {out} ({args.original[0]} from {args.original[1]})")
     return 0
 

@@ -21,16 +21,20 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .errors import InputError, first_line
+from .files import write_json
+
 METHODS = ("zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm")
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 #: train-CLI settings that the table decides for each run (dest -> the table's own flag)
 RESERVED = {"method": "--methods", "dataset": "--datasets", "seed": "--seeds", "out": None,
-            "resume": None, "eval_only": None, "run": None, "subsample": None}
+            "resume": None, "eval_only": None, "run": None, "subsample": None, "overwrite": None}
 
 
 def train_args(method: str, dataset: str, seed: int = 1, pretrained: str | None = "shapes",
@@ -140,11 +144,33 @@ def markdown(results: dict, seeds, root=None) -> str:
 
 
 def write_readme(path: Path, table: str) -> None:
-    text = path.read_text()
+    """Replace the table between the markers of `path` (written atomically)."""
+    from .files import write_text
+
+    text = path.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
+        raise InputError(f"{path} has no {BEGIN} ... {END} markers: add them where the table goes")
     head, rest = text.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+    write_text(path, head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+
+
+def read_results(path: Path) -> dict:
+    """{(dataset, method): rows} from a file written by --json (InputError, one line, if not)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        results = {tuple(key.rsplit("/", 1)): [dict(r) for r in rows] for key, rows in saved.items()}
+        for rows in results.values():
+            for r in rows:
+                for k in ("base_acc", "novel_acc", "hm"):
+                    if not math.isfinite(float(r[k])):
+                        raise ValueError(f"{k} is {r[k]}")
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError,
+            RecursionError) as err:
+        raise InputError(f"{path} is not a table written by --json ({type(err).__name__}: "
+                         f"{first_line(err)[:80]})") from None
+    if not results or any(len(key) != 2 or not rows for key, rows in results.items()):
+        raise InputError(f"{path} is not a table written by --json (no 'dataset/method' rows)")
+    return results
 
 
 def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> argparse.Namespace:
@@ -188,10 +214,12 @@ def _main(argv) -> int:
                         "(give --data-root too if its datasets live on disk: for the chance line)")
     a, extra = p.parse_known_args(argv)
     train = check_train_flags(p, extra)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
     if a.from_json:
-        saved = json.loads(Path(a.from_json).read_text())
-        results = {tuple(key.rsplit("/", 1)): rows for key, rows in saved.items()}
+        results = read_results(Path(a.from_json))
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
         results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.pretrained,
@@ -199,7 +227,7 @@ def _main(argv) -> int:
     table = markdown(results, seeds, train.data_root)
     print(table)
     if a.json:
-        Path(a.json).write_text(json.dumps({f"{d}/{m}": r for (d, m), r in results.items()}, indent=2))
+        write_json(Path(a.json), {f"{d}/{m}": r for (d, m), r in results.items()})
     if a.readme:
         write_readme(Path(a.readme), table)
     return 0

@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..errors import short_repr
+from ..files import atomic_write
 
 __all__ = ["OriginalCheckpointError", "load_original", "original_state_dict", "save_original",
            "find_checkpoint"]
@@ -221,6 +222,7 @@ def save_original(model, output_dir, epoch: int = 1) -> Path:
     folder = Path(output_dir) / layout.registered
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model.pth.tar-{epoch}"
-    torch.save({"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None,
-                "val_result": None}, path)
+    payload = {"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None,
+               "val_result": None}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path

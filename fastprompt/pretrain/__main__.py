@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ..cli import run_cli
 from .train import PretrainConfig, pretrain
 
 
@@ -26,6 +28,23 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--threads", type=int, default=d.threads)
     a = p.parse_args(argv)
+    return run_cli(lambda: _pretrain(a))
+
+
+def _pretrain(a) -> int:
+    import math
+
+    from ..errors import InputError
+
+    for flag, value, low in (("--seed", a.seed, 0), ("--steps", a.steps, 1),
+                             ("--batch-size", a.batch_size, 2), ("--warmup", a.warmup, 0),
+                             ("--threads", a.threads, 1)):
+        if value < low:
+            raise InputError(f"{flag} must be an integer >= {low}, got {value}")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {a.lr}")
+    if Path(a.out).is_dir():
+        raise InputError(f"--out {a.out} is a directory: give a .safetensors file name")
     cfg = PretrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                          warmup=min(a.warmup, a.steps), threads=a.threads)
     rec = pretrain(cfg, a.out, log=lambda m: print(m, flush=True))

@@ -121,10 +121,18 @@ def _pretrain(cfg: PretrainConfig, out, log) -> dict:
     if out is not None:
         from safetensors.torch import save_file
 
+        from ..checkpoint import check_finite
+        from ..errors import TrainingError
+        from ..files import atomic_write, write_json
+
+        try:
+            check_finite(state, "the pretrained backbone")
+        except Exception as err:  # noqa: BLE001 - CheckpointError: say it as a training failure
+            raise TrainingError(f"{err}; nothing written to {out}") from None
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out))
+        atomic_write(out, lambda tmp: save_file(state, str(tmp)))
         record["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
-        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out.with_suffix(".json"), record)
     record["state"] = state
     return record
