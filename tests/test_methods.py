@@ -24,7 +24,7 @@ def expected_tiny_count(method, n_classes=len(CLASSNAMES)):
         "coop": coop,
         "cocoop": coop + (e * (e // 16) + e // 16) + (e // 16 * dt + dt),
         "maple": maple,
-        "ivlp": 9 * 2 * dt + 9 * 2 * dv,
+        "ivlp": 12 * 2 * dt + 12 * 2 * dv,  # depth 12: the released IVLP scripts
         "mma": 8 * ((dt * r + r) + (r * dt + dt) + (dv * r + r) + (r * dv + dv) + (r * r + r)),
         "lamm": n_classes * 1 * dt,
         "coop+lamm": coop + n_classes * dt,
