@@ -66,11 +66,13 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
         os.chmod(tmp, _mode_for(path))
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(err, OSError) and err.filename in (str(tmp), tmp, name):
+            err.filename = str(path)  # name the file the user asked for, not our temporary one
         raise
     _fsync_path(path.parent or ".", directory=True)
     return path
