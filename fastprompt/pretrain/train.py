@@ -121,13 +121,13 @@ def _pretrain(cfg: PretrainConfig, out, log) -> dict:
     if out is not None:
         from safetensors.torch import save_file
 
-        from ..checkpoint import check_finite
+        from ..checkpoint import CheckpointError, check_finite
         from ..errors import TrainingError
         from ..files import atomic_write, write_json
 
         try:
             check_finite(state, "the pretrained backbone")
-        except Exception as err:  # noqa: BLE001 - CheckpointError: say it as a training failure
+        except CheckpointError as err:  # say it as a training failure
             raise TrainingError(f"{err}; nothing written to {out}") from None
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
