@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .onnx import EXPORTERS, MIN_OPSET
-from .runners import check_out_suffix
-from .tensorrt import DEFAULT_BATCH
+#: export/onnx.py's EXPORTERS and MIN_OPSET and export/tensorrt.py's DEFAULT_BATCH, written out so
+#: that --help imports no torch (tests/test_first_hour.py checks they agree)
+EXPORTERS = ("torchscript", "dynamo")
+MIN_OPSET = 17
+DEFAULT_BATCH = (1, 32, 128)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
                             "prompts/adapters and the class text matrix baked in) to ONNX or a "
                             "TensorRT engine.")
     p.add_argument("--run", required=True, help="run directory (config.json + adapter.safetensors)")
-    p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
+    p.add_argument("--format", required=True, choices=["onnx", "tensorrt"],
+                   help="onnx (checked with onnxruntime) or tensorrt (an engine for this GPU)")
     p.add_argument("--out", required=True,
                    help="output file: model.onnx, or model.plan for tensorrt (model.onnx, "
                         "model.plan.json and model.timing.cache are written next to it)")
@@ -34,11 +37,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCH)), metavar="MIN,OPT,MAX",
                    help="tensorrt optimisation profile over the batch axis; OPT is the deployment "
                         "batch (default %(default)s; ONNX files have a free batch axis)")
-    p.add_argument("--opset", type=int, default=MIN_OPSET, help="ONNX opset (>= 17, default 17)")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help="ONNX opset (>= 17, default %(default)s)")
     p.add_argument("--fp32", action="store_true", help="tensorrt: build in fp32 (default: fp16 "
                    "with normalisation layers in fp32)")
     p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
-                   help="torch.onnx exporter (default: torchscript, see export/onnx.py)")
+                   help="torch.onnx exporter (default: %(default)s, see export/onnx.py)")
     return p
 
 
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parser().parse_args(argv)
+    from .runners import check_out_suffix
+
     check_out_suffix(args.format, args.out)
     if args.format == "onnx":
         from .onnx import export_onnx

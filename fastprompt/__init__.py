@@ -3,10 +3,34 @@
     clip  = fastprompt.load_clip("ViT-B-16", pretrained="openai")
     model = fastprompt.create("maple", clip, classnames)
     clf   = model.classifier()
+
+The names below are imported on first use (PEP 562), so `python -m fastprompt.train --help` and
+the other commands' help answer without importing torch or open_clip.
 """
-from .api import create, list_methods
-from .checkpoint import load, save
-from .clip import load_clip
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the submodule that defines it
+_LAZY = {"create": "api", "list_methods": "api", "load": "checkpoint", "save": "checkpoint",
+         "load_clip": "clip"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # `fastprompt.clip`, `fastprompt.checkpoint`, ... as attributes, as before
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_original(*args, **kwargs):

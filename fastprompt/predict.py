@@ -30,10 +30,11 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Classify images with a fastprompt run, ONNX file or "
                                        "TensorRT engine.")
     p.add_argument("--model", required=True, help="run directory, .onnx file or .plan engine")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files and folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda for a TensorRT engine, cpu otherwise")
     return p
@@ -139,9 +140,10 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     from fastprompt.cli import error
+
+    args = parser().parse_args(argv)  # before any torch import: --help answers at once
     from fastprompt.export.runners import open_runner
 
-    args = parser().parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         raise InputError("--topk and --batch-size must be at least 1")
     if args.device == "cuda":
