@@ -3,7 +3,8 @@
 Trains each of `--methods` on a fixed in-memory dataset through `fastprompt.training.train`, in the
 environment torchrun gives (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; gloo on the
 CPU), and writes, per method, this rank's loss of every step (`<method>-rank<R>.json`) and its
-initial and final trainable tensors (`<method>-rank<R>.safetensors`).
+initial and final trainable tensors (`<method>-rank<R>.safetensors`), and which images each step
+saw (their green value, one per image).
 
 The images are one flat colour each, so the random crop and flip of the training augmentation
 leave them unchanged: a batch's loss depends only on which images it holds, whichever process
@@ -52,11 +53,12 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = fp.create(method, fp.load_clip("tiny"), NAMES)
         init = {f"init/{k}": p.detach().clone() for k, p in model.trainable_state().items()}
-        losses, objective = [], model.loss_and_logits
+        losses, batches, objective = [], [], model.loss_and_logits
 
-        def recording(images, labels, objective=objective, losses=losses):
+        def recording(images, labels, objective=objective, losses=losses, batches=batches):
             loss, logits = objective(images, labels)
             losses.append(float(loss.detach()))
+            batches.append([round(float(v), 4) for v in images[:, 1, 0, 0]])  # flat: any pixel
             return loss, logits
         model.loss_and_logits = recording
         # the whole dataset is one global batch: every epoch is one step of it
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         final = {f"final/{k}": p.detach().clone().contiguous() for k, p in model.trainable_state().items()}
         stem = out / f"{method}-rank{env.rank}"
         save_file({**init, **final}, f"{stem}.safetensors")
-        (stem.with_suffix(".json")).write_text(json.dumps({"losses": losses, "world": env.world_size}))
+        (stem.with_suffix(".json")).write_text(json.dumps({"losses": losses, "batches": batches, "world": env.world_size}))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -45,6 +45,23 @@ def result(folder: Path, method: str, rank: int):
     return json.loads(stem.with_suffix(".json").read_text())["losses"], load_file(f"{stem}.safetensors")
 
 
+def batches(folder: Path, method: str, rank: int) -> list:
+    return json.loads((folder / f"{method}-rank{rank}.json").read_text())["batches"]
+
+
+def test_ranks_split_each_epoch_and_reshuffle(runs):
+    """Each epoch the two ranks see disjoint halves that make up the dataset (the distributed
+    sampler), and a new order every epoch (its set_epoch), as the single process does."""
+    one, two = runs
+    single, r0, r1 = batches(one, "coop", 0), batches(two, "coop", 0), batches(two, "coop", 1)
+    everything = sorted(single[0])
+    assert len(everything) == len(set(everything)) == 8
+    for epoch, (a, b) in enumerate(zip(r0, r1)):
+        assert len(a) == len(b) == 4 and sorted(a + b) == everything, f"epoch {epoch + 1}: {a} + {b}"
+    for seen in (single, r0, r1):
+        assert len({tuple(s) for s in seen}) == len(seen), f"the same order in two epochs: {seen}"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_two_gloo_processes_equal_one_process_with_the_global_batch(runs, method):
     one, two = runs

@@ -177,8 +177,8 @@ LAMM_CASES = {  # case: (method, names, options, label row, parameter weight)
 ONE_LABEL_CASES = ["lamm", "coop+lamm", "maple+lamm-of"]
 
 
-@pytest.mark.parametrize("case, labels", [(c, [0, 1, 1, 3]) for c in LAMM_CASES]
-                         + [(c, [2, 2, 2, 2]) for c in ONE_LABEL_CASES])
+@pytest.mark.parametrize("case, labels", [pytest.param(c, [0, 1, 1, 3], id=f"{c}-two-labels") for c in LAMM_CASES]
+                         + [pytest.param(c, [2, 2, 2, 2], id=f"{c}-one-label") for c in ONE_LABEL_CASES])
 def test_lamm_loss_terms_match_reference(case, labels):
     method, names, options, row, w_param = LAMM_CASES[case]
     model, cm = make(method, names, **options), tiny_clip().model
