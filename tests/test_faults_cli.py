@@ -32,8 +32,10 @@ def run(argv, capsys):
 
 
 def one_line_error(code, err, needle):
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert needle in err, err
+    """Exit 2 and one error line (advice lines starting with "warning:" aside)."""
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0] and "Traceback" not in err, err
 
 
 @pytest.fixture
