@@ -42,7 +42,12 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): run unlocked, and say so
+            warnings.warn(f"no file locking on this system: nothing stops another run from "
+                          f"writing to {self.path.parent}", RuntimeWarning, stacklevel=2)
+            return self
 
         for _ in range(10):  # retried only if the lock file is replaced while we wait for it
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
