@@ -107,7 +107,25 @@ def coerce(owner: str, name: str, kind, value, label: str | None = None):
         raise InputError(f"{what} must be {describe(kind)}, got {shown}") from None
 
 
+#: the smallest sensible value of a numeric option, by name (whichever method has it): a value
+#: below would divide by zero (meta_ratio, shots), build nothing (width) or train on NaN
+#: (temperature, which must be > 0)
+LOWER = {"n_ctx": 1, "meta_ratio": 1, "shots": 1, "width": 1, "text_chunk": 0,
+         "n_label_tokens": 0, "temperature": 0.0, "logit_weight": 0.0, "feature_weight": 0.0,
+         "param_weight": 0.0}
+STRICT = {"temperature"}
+
+
 def coerce_all(config_cls, owner: str, options: dict) -> dict:
-    """Every value of `options` coerced to its field's type (unknown names are the caller's job)."""
+    """Every value of `options` coerced to its field's type (unknown names are the caller's job)
+    and checked against `LOWER`."""
     types = field_types(config_cls)
-    return {k: coerce(owner, k, types[k], v) if k in types else v for k, v in options.items()}
+    out = {k: coerce(owner, k, types[k], v) if k in types else v for k, v in options.items()}
+    for key, value in out.items():
+        low = LOWER.get(key)
+        if low is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value < low or (key in STRICT and value == low):
+            raise InputError(f"option '{key}' of {owner} must be {'>' if key in STRICT else '>='} "
+                             f"{low}, got {value}")
+    return out

@@ -279,3 +279,17 @@ def test_closed_pipe_ends_predict_quietly(tmp_path):
                           timeout=300)
     assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
     assert proc.returncode == 141  # 128 + SIGPIPE, as `yes | head -1`
+
+
+@pytest.mark.parametrize("method, options, needle", [
+    ("cocoop", {"meta_ratio": "0"}, "'meta_ratio' of method 'cocoop' must be >= 1"),
+    ("lamm", {"shots": 0}, "'shots' of method 'lamm' must be >= 1"),
+    ("lamm", {"temperature": "0"}, "'temperature' of method 'lamm' must be > 0"),
+    ("mma", {"width": 0}, "'width' of method 'mma' must be >= 1"),
+    ("mma", {"text_scale": "nan"}, "'text_scale' of method 'mma' must be a finite number"),
+    ("coop", {"text_chunk": -3}, "'text_chunk' of method 'coop' must be >= 0"),
+])
+def test_option_values_that_would_divide_by_zero_or_train_nan(method, options, needle):
+    """Each was a ZeroDivisionError, a NaN loss or an empty adapter before."""
+    with pytest.raises(fp.errors.InputError, match=needle):
+        fp.create(method, tiny_clip(), CLASSNAMES, **options)
