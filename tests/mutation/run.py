@@ -4,6 +4,7 @@ that should catch it; print which were killed and which survived.
     python tests/mutation/run.py                 # every mutation, its relevant tests
     python tests/mutation/run.py --only lamm     # mutations whose name contains "lamm"
     python tests/mutation/run.py --full          # the whole suite for each mutation (slow)
+    python tests/mutation/run.py --guard golden  # only each mutation's tests whose id holds "golden"
     python tests/mutation/run.py --list          # the mutations, nothing run
 
 The working tree is never edited: the package (fastprompt/ with kernels/ and export/ placed where
@@ -17,6 +18,7 @@ killed, 1 when one survived, 2 on a stale mutation (its text no longer in the fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -109,9 +111,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append", default=[], help="run mutations whose name contains this")
     ap.add_argument("--full", action="store_true", help="run the whole test suite for each mutation")
+    ap.add_argument("--guard", default="", help="keep only the tests whose id contains this (to see "
+                    "whether one guard alone, e.g. the golden tests, catches each mutation)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or any(s in m.name for s in args.only)]
+    if args.guard:
+        chosen = [dataclasses.replace(m, tests=tuple(t for t in m.tests if args.guard in t)) for m in chosen]
+        chosen = [m for m in chosen if m.tests]
     if args.list or not chosen:
         for m in MUTATIONS:
             print(f"{m.name:42s} {m.path:32s} {m.what}")
