@@ -29,8 +29,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .catalog import HelpFormatter
+
     p = _Parser(prog="python -m fastprompt.convert", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=HelpFormatter)
     p.add_argument("--original", nargs=2, required=True, metavar=("METHOD", "CHECKPOINT"),
                    help="fastprompt method name (coop, cocoop, maple, ivlp, mma, lamm, coop+lamm, "
                         "maple+lamm) and the original checkpoint file or output directory")

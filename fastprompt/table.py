@@ -199,14 +199,15 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from .data.generated import GENERATED
+    from .catalog import GENERATED_DATASETS, HelpFormatter  # no torch before --help is handled
 
     p = argparse.ArgumentParser(prog="python -m fastprompt.table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # a prefix must not swallow a train flag
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--datasets", default=",".join(GENERATED))
-    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--datasets", default=",".join(GENERATED_DATASETS),
+                   help="comma-separated datasets (see python -m fastprompt.train --help)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; the table shows their mean")
     p.add_argument("--readme", default=None, help="rewrite the table in this file")
     p.add_argument("--json", default=None, help="also write the per-seed results here")
     p.add_argument("--from-json", default=None,

@@ -1,0 +1,115 @@
+"""What the command lines list in their --help: the methods (one line each, with the recipe
+defaults of `fastprompt.recipes`) and the datasets, without importing torch.
+
+The registries themselves (`fastprompt.list_methods()`, `fastprompt.data.list_datasets()`) import
+torch and open_clip, which takes seconds; `--help` must answer at once. These lists are written
+out instead, and `tests/test_first_hour.py` checks that they name exactly what the registries hold.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .recipes import recipe_for
+
+#: method -> what it learns (README's method table, METHODS.md); order of the README
+METHOD_SUMMARIES = {
+    "zeroshot": "CLIP as released, prompted with CoOp's template of the dataset",
+    "coop": "4 learned context words before the class name (CoOp)",
+    "cocoop": "CoOp's context plus a shift computed from each image by a small meta-net (CoCoOp)",
+    "maple": "deep prompts in both towers, vision prompts projected from text ones (MaPLe)",
+    "ivlp": "independent deep prompts in the text and the vision tower (IVLP)",
+    "mma": "adapters in the upper layers of both towers with a shared middle layer (MMA)",
+    "lamm": "learned label embeddings in place of the class names, context frozen (LAMM)",
+    "coop+lamm": "CoOp's context and LAMM's label embeddings, trained together",
+    "maple+lamm": "MaPLe's prompts and LAMM's label embeddings, trained together",
+}
+
+#: generated in memory (no files, no --data-root); shapes_colour is the default dataset
+GENERATED_DATASETS = ("shapes_colour", "shapes_texture", "shapes_count")
+#: (what they are, names) of the --dataset help
+DATASET_GROUPS = (
+    ("generated in memory, no --data-root (made for the built-in tiny backbone)",
+     GENERATED_DATASETS + ("builtin",)),
+    ("your own images: --data-root DIR holding one sub-folder of images per class (or train/ "
+     "and test/ holding those)", ("folder",)),
+    ("CoOp's benchmarks: --data-root in the layout of CoOp's DATASETS.md",
+     ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+      "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")),
+    ("ImageNet shifts, test only: --eval-datasets of a run trained on imagenet",
+     ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")),
+)
+
+
+def dataset_names() -> list[str]:
+    return [name for _, names in DATASET_GROUPS for name in names]
+
+
+def recipe_summary(method: str) -> str:
+    """The recipe defaults of `method`, compact: base-to-novel's batch, lr, epochs (warm-up), and
+    where the cross-dataset recipe differs, what differs."""
+    base = recipe_for(method, recipe="base2novel")
+    if base.epochs == 0:
+        return "no training"
+
+    def fields(r):
+        return {"batch": f"batch {r.batch_size}", "lr": f"lr {r.lr:g}", "epochs": f"{r.epochs} epochs",
+                "warmup": f"{r.warmup_epochs} warm-up" if r.warmup_epochs else "no warm-up",
+                **{f"opt {k}": f"{k}={v}" for k, v in r.options.items()}}
+
+    def differ(r):
+        theirs = fields(r)
+        return ", ".join(v for k, v in theirs.items() if own.get(k) != v)
+
+    own = fields(base)
+    text = ", ".join(own.values())
+    cross = differ(recipe_for(method, recipe="cross"))
+    imagenet = differ(recipe_for(method, "imagenet", recipe="base2novel"))
+    return (text + (f"; cross: {cross}" if cross else "")
+            + (f"; on imagenet: {imagenet}" if imagenet else ""))
+
+
+def methods_help() -> str:
+    """--method's help: one line per method, what it learns and its recipe defaults."""
+    width = max(map(len, METHOD_SUMMARIES))
+    lines = ["method to train (default maple). Each with its recipe: batch, lr, epochs (warm-up "
+             "epochs at lr 1e-5) of base2novel, and where the cross recipe or imagenet differ; "
+             "--batch-size, --lr, --epochs override them:"]
+    lines += [f"{name:<{width}}  {what}; {recipe_summary(name)}"
+              for name, what in METHOD_SUMMARIES.items()]
+    return "\n".join(lines)
+
+
+def datasets_help() -> str:
+    """--dataset's help: the datasets by kind, and what --data-root must hold for each."""
+    lines = ["dataset (default shapes_colour):"]
+    lines += [f"{' '.join(names)}: {what}" for what, names in DATASET_GROUPS]
+    return "\n".join(lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an argument's help keeps its own line breaks (each line wrapped
+    on its own, later lines indented); "(default: X)" appended where a flag has a default worth
+    showing (not None, False or an empty list) and its help does not state it already."""
+
+    def _split_lines(self, text, width):
+        import re
+        import textwrap
+
+        lines = text.splitlines()
+        out = super()._split_lines(lines[0], width) if lines else []
+        for line in lines[1:]:  # a listed line: "name  what", wrapped under "what"
+            name, gap, what = re.match(r"(\S+)(\s{2,})?(.*)", line).groups()
+            hang = 2 + len(name) + len(gap or " ") if gap else 6
+            parts = textwrap.wrap(what if gap else line, max(width - hang, 20))
+            head = f"  {name}{gap}" if gap else "  "
+            out += [(head if i == 0 else " " * hang) + part for i, part in enumerate(parts)]
+        return out
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None
+                or default is False or default == [] or default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
