@@ -20,11 +20,16 @@ from .recipes import Recipe
 TINY_DEFAULT_WEIGHTS = "shapes"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The train CLI's flags; builds without torch, so that --help answers at once."""
+    from .catalog import HelpFormatter, datasets_help, methods_help
+
     p = argparse.ArgumentParser(prog="python -m fastprompt.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="maple", help="one of fastprompt.list_methods()")
-    p.add_argument("--model", default="tiny", help="backbone: tiny or an open_clip ViT name")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--method", default="maple", help=methods_help())
+    p.add_argument("--model", default="tiny",
+                   help="backbone: 'tiny' (built in, a toy for generated shapes) or an open_clip ViT "
+                        "name such as ViT-B-16 (with --pretrained openai), or hf-hub:ORG/REPO")
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag, checkpoint file, or 'none' (random init); default: 'shapes' "
                         "for --model tiny (the shipped pretrained tiny CLIP), none otherwise")
@@ -32,15 +37,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build the backbone with QuickGELU (OpenAI's CLIP) or GELU; default: what "
                         "the weights say (open_clip tag config, OpenAI release file)")
     p.add_argument("--backbone-seed", type=int, default=0, help="seed of a random-init backbone")
-    p.add_argument("--dataset", default=None, help="dataset name or folder (default shapes_colour, generated)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset(s)")
-    p.add_argument("--shots", type=int, default=None, help="images per class (default 16)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dataset", default=None, help=datasets_help())
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the dataset(s); not needed for the generated ones")
+    p.add_argument("--shots", type=int, default=None,
+                   help="training images per class (default 16; every class needs that many)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the few-shot draw, the learned parameters' init and the data order")
     p.add_argument("--subsample", choices=["base", "all"], default="base",
-                   help="base: train on base classes, test base and novel (HM); all: every class")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+                   help="base: train on the first half of the classes, test on them (base) and on "
+                        "the other half (novel, never trained on) and report the HM; all: train "
+                        "and test on every class")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs, the warm-up included (default: the method's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the method's recipe")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate after the warm-up (default: the method's recipe)")
     p.add_argument("--recipe", dest="recipe_name", choices=["base2novel", "cross"], default=None,
                    help="the released scripts' recipe: base2novel, or cross (train on all of "
                         "ImageNet for cross-dataset / domain generalisation: MaPLe lr 0.0026, 2 "
@@ -53,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", action="store_true",
                    help="zeroshot: prompt ensembling as CoOp's ZeroshotCLIP2 (7 ImageNet templates "
                         "+ the dataset's own, except on ImageNet)")
+    p.add_argument("--zero-shot-ref", choices=["auto", "always", "never"], default="auto",
+                   help="also evaluate zero-shot CLIP on the same test images, as a reference in "
+                        "the summary and curves.png; auto: when the backbone is small "
+                        "(default: %(default)s)")
     p.add_argument("--config", default=None, help="YAML/JSON recipe: any of these flags + 'options'")
     p.add_argument("--plain", action="store_true",
                    help="turn every optimisation off (kernels, text shortcut, caches, CUDA graphs): "
@@ -60,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the training step eagerly instead of replaying a captured CUDA graph")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader worker processes (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="unreadable images: skip them (counted) or stop")
     p.add_argument("--out", default=None, help="run directory (default runs/DATASET/METHOD/seedN)")
@@ -71,8 +89,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true", help="evaluate the run in --run")
     p.add_argument("--run", default=None, help="run directory for --eval-only")
     p.add_argument("--eval-datasets", default=None, help="comma-separated datasets to also test on")
-    p.add_argument("--eval-split", choices=["test", "val"], default="test")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test",
+                   help="the split the reported accuracies are measured on")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in a log)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     args.recipe = {}
     if args.config:
@@ -233,17 +258,32 @@ def run_cli(body) -> int:
                                     "continues")
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def run(args) -> int:
+    """Train (or --eval-only) and print what the run does: an opening line, one line per epoch,
+    progress lines on stderr when it is no terminal, warnings on stderr, and a closing block
+    (`fastprompt.runlog`), then the metrics on one line for scripts (`format_metrics`)."""
+    from .runlog import closing_block
     from .runner import evaluate_run, train_run
 
     t0 = time.perf_counter()
-    if args.eval_only:
-        metrics = evaluate_run(args)
-    else:
-        metrics = train_run(args)
+    hooks = {"log": _say, "warn": _warn, "progress": _progress}
+    metrics = evaluate_run(args, **hooks) if args.eval_only else train_run(args, **hooks)
     if metrics is None:  # a non-main DDP rank
         return 0
     metrics.setdefault("wall_s", time.perf_counter() - t0)
+    print(closing_block(metrics, metrics.get("run_dir")))
     print(format_metrics(metrics))
     return 0
 

@@ -29,6 +29,7 @@ from .recipes import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
 SYNC_EVERY = 20  # steps between host reads of the running loss / NaN flag
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
 LOG = "log.jsonl"
 
 
@@ -167,8 +168,10 @@ def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resume: bool = False,
-          extra: dict | None = None, log=print) -> dict:
-    """Tune `model` on `data` (list of Datum) following `recipe`; returns throughput stats."""
+          extra: dict | None = None, log=print, progress=None) -> dict:
+    """Tune `model` on `data` (list of Datum) following `recipe`; returns throughput stats. `log`
+    gets a line per epoch; `progress` (callable or None) a line every PROGRESS_EVERY_S s within an
+    epoch where stderr is no terminal (a terminal gets tqdm's bar); neither if `env.progress` is off."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if recipe.epochs == 0:  # zero-shot, or an evaluation of the initial prompts: nothing to tune
         if env.main:
@@ -195,7 +198,7 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
             group["lr"] = lr
         torch.manual_seed(epoch_seed(env.seed, epoch))
         loader = _loader(dataset, recipe.batch_size, env, epoch)
-        stats = _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir)
+        stats = _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir, progress)
         images_seen += stats["images"]
         train_time += stats["wall_s"]
         if env.main:
@@ -227,16 +230,20 @@ def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:
                       **loader_kwargs(env.device, env.workers))
 
 
-def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir) -> dict:
+def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir,
+               progress=None) -> dict:
     from tqdm.auto import tqdm
 
+    shown, terminal = env.progress and env.main, sys.stderr.isatty()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-               disable=not (env.progress and env.main and sys.stderr.isatty()))
+               disable=not (shown and terminal))
+    lines = progress if shown and not terminal else None  # a log file: a line every few seconds
     # running sums stay on the device; the host reads them every SYNC_EVERY steps (no per-step sync)
     total_loss = torch.zeros((), device=env.device)
     correct = torch.zeros((), dtype=torch.long, device=env.device)
     finite = torch.ones((), dtype=torch.bool, device=env.device)
     seen, t0, last = 0, time.perf_counter(), 0
+    due = t0 + PROGRESS_EVERY_S
     for step, (images, labels) in enumerate(bar):
         images = images.to(env.device, non_blocking=True)
         labels = labels.to(env.device, non_blocking=True)
@@ -251,12 +258,19 @@ def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, ru
         total_loss += loss.detach().float() * n
         correct += (logits.argmax(-1) == labels).sum()
         seen += n
-        if step + 1 - last >= SYNC_EVERY or step + 1 == len(loader):
+        now = time.perf_counter()
+        line_due = lines is not None and now >= due and step + 1 < len(loader)
+        if step + 1 - last >= SYNC_EVERY or step + 1 == len(loader) or line_due:
             _check_finite(finite, epoch, last + 1, step + 1, run_dir)
             last = step + 1
-            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}",
-                            acc=f"{100 * int(correct) / seen:.1f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            loss_now, acc_now, rate = float(total_loss) / seen, 100 * int(correct) / seen, seen / (now - t0)
+            bar.set_postfix(loss=f"{loss_now:.3f}", acc=f"{acc_now:.1f}", img_s=f"{rate:.1f}")
+            if line_due:
+                left = (len(loader) - step - 1) * (now - t0) / (step + 1)
+                lines(f"epoch {epoch + 1}/{recipe.epochs}  step {step + 1}/{len(loader)}  loss "
+                      f"{loss_now:.4f}  acc {acc_now:.1f}%  {rate:.1f} img/s  ~{left:.0f} s left "
+                      f"in this epoch")
+                due = now + PROGRESS_EVERY_S
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
     wall = time.perf_counter() - t0
