@@ -1,4 +1,12 @@
-"""The training-curve figure of a run: loss and accuracy per epoch from log.jsonl."""
+"""The figure of a run, `curves.png`: what the run did and what it reached.
+
+Three panels over integer epochs, titled with method, dataset, seed and backbone:
+training loss; the learning rate of each epoch (log scale: Dassl's 1e-5 warm-up and the cosine
+after it); training accuracy (augmented training batches), with the run's final evaluation
+(base / novel / HM, or acc, on the evaluation split) as solid reference lines and zero-shot CLIP on
+the same images as dashed ones. Read from `log.jsonl`, `metrics.json` and `config.json`; a damaged
+or missing file leaves its part out, never fails the run.
+"""
 from __future__ import annotations
 
 import json
@@ -6,37 +14,101 @@ from pathlib import Path
 
 from .files import atomic_write
 
+#: metrics.json key -> (label, colour) of a reference line
+_REFERENCES = {"base_acc": ("base", "tab:blue"), "novel_acc": ("novel", "tab:orange"),
+               "hm": ("HM", "tab:green"), "acc": ("all classes", "tab:blue")}
 
-def plot_curves(run_dir: Path, log_name: str = "log.jsonl", out_name: str = "curves.png") -> Path | None:
-    log = Path(run_dir) / log_name
-    if not log.is_file():
-        return None
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _log_rows(path: Path) -> list[dict]:
     rows = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:  # a figure is a convenience: a damaged log line is left out, not fatal
             row = json.loads(line)
-            rows.append((float(row["epoch"]), float(row["loss"]), float(row["acc"])))
+            rows.append({k: float(row[k]) for k in ("epoch", "loss", "acc")}
+                        | {"lr": float(row["lr"]) if "lr" in row else None})
         except (ValueError, TypeError, KeyError):
             continue
-    if not rows:
-        return None
-    import matplotlib
+    return rows
 
-    matplotlib.use("Agg")
+
+def title_of(config: dict) -> str:
+    run, backbone = config.get("run") or {}, config.get("backbone") or {}
+    parts = [f"{config.get('method', '?')} on {run.get('dataset', '?')}, seed {run.get('seed', '?')}"]
+    if backbone:
+        weights = backbone.get("pretrained")
+        weights = Path(weights).name if weights and ("/" in weights or "\\" in weights) else weights
+        parts.append(f"backbone {backbone.get('model', '?')}"
+                     + (f" ({weights})" if weights else " (random init)"))
+    shots = (run.get("recipe") or {}).get("shots")
+    if shots:
+        parts.append(f"{shots} shots, {run.get('subsample', 'base')} classes")
+    return " | ".join(parts)
+
+
+def plot_curves(run_dir: Path, log_name: str = "log.jsonl", out_name: str = "curves.png") -> Path | None:
+    """Write `curves.png` into `run_dir` (atomically); None when the log has no epoch to show."""
+    fig = make_figure(run_dir, log_name)
+    if fig is None:
+        return None
     import matplotlib.pyplot as plt
 
-    epochs = [r[0] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(epochs, [r[1] for r in rows], marker="o")
-    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax2.plot(epochs, [r[2] for r in rows], marker="o", color="tab:green")
-    ax2.set(xlabel="epoch", ylabel="training accuracy (%)", title="accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
     out = Path(run_dir) / out_name
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
     return out
+
+
+def make_figure(run_dir: Path, log_name: str = "log.jsonl"):
+    """The matplotlib figure of `plot_curves` (module docstring), or None without epochs."""
+    run_dir = Path(run_dir)
+    log = run_dir / log_name
+    rows = _log_rows(log) if log.is_file() else []
+    if not rows:
+        return None
+    metrics, config = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "config.json")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(14, 4.2))
+    ax_loss.plot(epochs, [r["loss"] for r in rows], marker="o", color="tab:red")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    lrs = [(r["epoch"], r["lr"]) for r in rows if r["lr"] is not None and r["lr"] > 0]
+    if lrs:
+        ax_lr.plot(*zip(*lrs), marker="o", color="tab:purple")
+        ax_lr.set_yscale("log")
+    ax_lr.set(xlabel="epoch", ylabel="learning rate (log scale)", title="learning rate per epoch")
+    ax_acc.plot(epochs, [r["acc"] for r in rows], marker="o", color="black",
+                label="training batches (augmented)")
+    split = metrics.get("eval_split", "test")
+    zero = metrics.get("zeroshot_ref") or {}
+    for key, (label, colour) in _REFERENCES.items():
+        if isinstance(metrics.get(key), (int, float)):
+            ax_acc.axhline(metrics[key], color=colour, lw=1.6,
+                           label=f"{split} {label} after training: {metrics[key]:.1f}")
+        if isinstance(zero.get(key), (int, float)):
+            ax_acc.axhline(zero[key], color=colour, lw=1.2, ls="--",
+                           label=f"{split} {label}, zero-shot CLIP: {zero[key]:.1f}")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
+    ax_acc.legend(fontsize=7, loc="lower right")
+    for ax in (ax_loss, ax_lr, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    fig.suptitle(title_of(config))
+    fig.tight_layout()
+    return fig
