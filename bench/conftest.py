@@ -200,3 +200,32 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     benchmark: megabytes per file, too large to bring back from a GPU run or to commit)."""
     for b in output_json.get("benchmarks", []):
         b.get("stats", {}).pop("data", None)
+
+
+def _report_module():
+    """bench/report.py, loaded by path (`bench` need not be importable from pytest's sys.path)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fastprompt_bench_report",
+                                                  Path(__file__).with_name("report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """End the run with `python -m bench.report`'s speed-up summary (after pytest-benchmark's own
+    tables, which list every statistic of every benchmark); nothing when benchmarks were disabled
+    or none ran."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or getattr(session, "disabled", False):
+        return
+    data = {"benchmarks": [b.as_dict(include_data=False) for b in session.benchmarks
+                           if not b.has_error]}
+    text = _report_module().speedups(data)
+    if text:
+        terminalreporter.write_sep("=", "fastprompt speed-ups (python -m bench.report FILE.json "
+                                        "prints them from a --benchmark-json file)")
+        terminalreporter.write_line(text)

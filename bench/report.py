@@ -1,6 +1,13 @@
-"""`python -m bench.report FILE.json`: the table of a pytest-benchmark JSON file.
+"""`python -m bench.report FILE.json`: the speed-ups of a pytest-benchmark JSON file, then every group.
 
-Per group: each variant's median time, its speed-up over the group's `baseline` (baseline time
+The JSON comes from `pytest bench --benchmark-only --benchmark-json=FILE.json`; the same speed-up
+summary ends that pytest run (`bench/conftest.py`).
+
+Summary (`speedups`): the training step and inference of each method, baseline (every optimisation
+off) vs fastprompt, and for inference also vs open_clip's own `encode_image` + one matmul; the
+other groups as one line each (every variant's speed-up over the group's baseline).
+
+Every group (`table`): each variant's median time, its speed-up over the group's `baseline` (baseline time
 divided by the variant's), images/s where the benchmark records `images`, GB/s where it records
 `gbps`, and for training steps the achieved TFLOP/s (counted FLOPs / median) and its share of
 the device's dense bf16 peak. Benchmarks that recorded device time (`gpu_ms`, CUDA graph replay,
@@ -85,17 +92,99 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _ms(seconds) -> str:
+    return f"{seconds * 1e3:.2f}" if seconds else "-"
+
+
+def _x(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def speedups(data: dict) -> str:
+    """The speed-up summary (module docstring) of a pytest-benchmark JSON dict; '' if it has no
+    benchmark with statistics."""
+    by_group: dict[str, dict[str, dict]] = defaultdict(dict)
+    for b in data.get("benchmarks", []):
+        median = (b.get("stats") or {}).get("median")
+        if median:
+            info = b.get("extra_info", {})
+            by_group[b.get("group") or b["name"]][info.get("variant", b["name"])] = {**info, "median": median}
+    if not by_group:
+        return ""
+    every = [r for rows in by_group.values() for r in rows.values()]
+    lines = [f"speed-ups: median wall time per call on {every[0].get('device', '?')} "
+             f"({every[0].get('dtype', '?')}); baseline = every optimisation off"]
+    train = {g: v for g, v in by_group.items() if g.startswith("train-")}
+    if train:
+        lines += ["", "training step (forward, backward, SGD)",
+                  f"{'method':<12} {'classes':>7} {'batch':>5} {'baseline ms':>11} "
+                  f"{'fastprompt ms':>13} {'speed-up':>8} {'img/s':>8}"]
+        for group, rows in sorted(train.items()):
+            base, fast = rows.get("baseline", {}), rows.get("fastprompt", {})
+            ref = fast or base
+            ips = f"{fast['images'] / fast['median']:.0f}" if fast.get("images") else "-"
+            lines.append(f"{ref.get('method', group[6:]):<12} {ref.get('classes', '?'):>7} "
+                         f"{ref.get('images', '?'):>5} {_ms(base.get('median')):>11} "
+                         f"{_ms(fast.get('median')):>13} {_x(base.get('median'), fast.get('median')):>8} "
+                         f"{ips:>8}")
+    infer = {g: v for g, v in by_group.items() if g.startswith("inference-")}
+    if infer:
+        lines += ["", "inference (model.classifier(): one image pass)",
+                  f"{'method':<12} {'classes':>7} {'batch':>5} {'baseline ms':>11} "
+                  f"{'fastprompt ms':>13} {'encode_image ms':>15} {'vs baseline':>11} "
+                  f"{'vs encode_image':>15}"]
+        order = sorted(infer.items(), key=lambda kv: (next(iter(kv[1].values())).get("method", ""),
+                                                      next(iter(kv[1].values())).get("classes", 0)))
+        for group, rows in order:
+            base, fast, clip = (rows.get(k, {}) for k in ("baseline", "fastprompt", "clip-image-only"))
+            ref = fast or base or clip
+            lines.append(f"{ref.get('method', group):<12} {ref.get('classes', '?'):>7} "
+                         f"{ref.get('images', '?'):>5} {_ms(base.get('median')):>11} "
+                         f"{_ms(fast.get('median')):>13} {_ms(clip.get('median')):>15} "
+                         f"{_x(base.get('median'), fast.get('median')):>11} "
+                         f"{_x(clip.get('median'), fast.get('median')):>15}")
+    rest = {g: v for g, v in by_group.items() if g not in train and g not in infer}
+    if rest:
+        lines += ["", "other groups: each variant's speed-up over the group's baseline"]
+        for key, rows in sorted(rows_of({"benchmarks": [b for b in data["benchmarks"]
+                                                        if (b.get("group") or b["name"]) in rest]}).items()):
+            base = next((r for r in rows if is_baseline(r["variant"])), None)
+            if base is None:  # a yardstick such as the copy kernel: nothing to compare with
+                continue
+            shown = [f"{r['variant']} {_x(base['median'], r['median'])}"
+                     + (f" (GPU time {_x(base['gpu_ms'], r['gpu_ms'])})" if r["gpu_ms"] and base["gpu_ms"] else "")
+                     for r in rows if not is_baseline(r["variant"])]
+            lines.append(f"{key:<36} " + (", ".join(shown) or "(baseline only)"))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.report FILE.json", file=sys.stderr)
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Print the speed-ups of a pytest-benchmark "
+        "JSON file, then every group. Get the file with: pytest bench --benchmark-only "
+        "--benchmark-json=FILE.json")
+    p.add_argument("file", metavar="FILE.json", help="written by pytest-benchmark's --benchmark-json")
+    p.add_argument("--summary", action="store_true",
+                   help="print only the speed-up summary, not every group")
+    args = p.parse_args(argv)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise ValueError("no 'benchmarks' list")
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read {args.file} as pytest-benchmark JSON ({err}); write one with "
+              f"pytest bench --benchmark-only --benchmark-json={args.file}", file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
     machine = data.get("machine_info", {})
     print(f"# {machine.get('node', '')} {machine.get('cpu', {}).get('brand_raw', '')} "
           f"{data.get('datetime', '')}")
-    print(table(data))
+    print(speedups(data) or "no benchmark with timings in this file (run with --benchmark-only)")
+    if not args.summary:
+        print()
+        print(table(data))
     return 0
 
 
