@@ -1,4 +1,5 @@
 """Images: every mode into the 8-bit RGB of an 8-bit file, bounded work, honest counting."""
+import os
 import struct
 import time
 import warnings
@@ -81,6 +82,10 @@ def test_work_per_image_is_bounded(tmp_path, monkeypatch):
     assert max(strip.size) <= 16 * min(strip.size)
     x = test_transform(224)(strip)  # was a 224 x 22,400,000 resize before the crop
     assert x.shape == (3, 224, 224) and time.perf_counter() - t0 < 20
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
+    for special in (tmp_path / "fifo.png", "/dev/zero"):
+        with pytest.raises(ImageReadError, match="not a regular file"):
+            open_rgb(special)
     for limit in (1000, 4_000_000):  # over twice the limit (Pillow raises) and between (it warns)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with pytest.raises(ImageReadError, match="decompression-bomb limit.*MAX_IMAGE_PIXELS"):

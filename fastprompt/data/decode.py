@@ -35,9 +35,14 @@ class ImageReadError(ValueError):
 def open_rgb(path, image_size: int | None = None):
     """The image at `path` as a fully decoded 8-bit RGB PIL image (see the module docstring);
     ImageReadError with the reason if it cannot be read."""
+    import os
+    import stat
+
     from PIL import Image
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, /dev/zero never end
+            raise ImageReadError("not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
