@@ -14,9 +14,10 @@ from pathlib import Path
 
 from .files import atomic_write
 
-#: metrics.json key -> (label, colour) of a reference line
-_REFERENCES = {"base_acc": ("base", "tab:blue"), "novel_acc": ("novel", "tab:orange"),
-               "hm": ("HM", "tab:green"), "acc": ("all classes", "tab:blue")}
+#: metrics.json key -> (label, colour, width) of a reference line; the widths differ so that lines
+#: at the same height stay visible, the wider one under the narrower
+_REFERENCES = {"base_acc": ("base", "tab:blue", 3.2), "novel_acc": ("novel", "tab:orange", 2.2),
+               "hm": ("HM", "tab:green", 1.2), "acc": ("all classes", "tab:blue", 1.6)}
 
 
 def _read_json(path: Path) -> dict:
@@ -95,15 +96,15 @@ def make_figure(run_dir: Path, log_name: str = "log.jsonl"):
                 label="training batches (augmented)")
     split = metrics.get("eval_split", "test")
     zero = metrics.get("zeroshot_ref") or {}
-    for key, (label, colour) in _REFERENCES.items():
+    for key, (label, colour, width) in _REFERENCES.items():
         if isinstance(metrics.get(key), (int, float)):
-            ax_acc.axhline(metrics[key], color=colour, lw=1.6,
+            ax_acc.axhline(metrics[key], color=colour, lw=width,
                            label=f"{split} {label} after training: {metrics[key]:.1f}")
         if isinstance(zero.get(key), (int, float)):
-            ax_acc.axhline(zero[key], color=colour, lw=1.2, ls="--",
+            ax_acc.axhline(zero[key], color=colour, lw=width * 0.6, ls="--",
                            label=f"{split} {label}, zero-shot CLIP: {zero[key]:.1f}")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
-    ax_acc.legend(fontsize=7, loc="lower right")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 101.5))
+    ax_acc.legend(fontsize=7, loc="best")
     for ax in (ax_loss, ax_lr, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
