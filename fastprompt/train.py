@@ -262,23 +262,20 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
 def run(args) -> int:
     """Train (or --eval-only) and print what the run does: an opening line, one line per epoch,
-    progress lines on stderr when it is no terminal, warnings on stderr, and a closing block
-    (`fastprompt.runlog`), then the metrics on one line for scripts (`format_metrics`)."""
+    progress lines where stderr is no terminal (where it is, tqdm's bar), warnings on stderr,
+    and a closing block (`fastprompt.runlog`), then the metrics on one line for scripts
+    (`format_metrics`). Progress lines go to stdout with the epoch lines: the log of the run."""
     from .runlog import closing_block
     from .runner import evaluate_run, train_run
 
     t0 = time.perf_counter()
-    hooks = {"log": _say, "warn": _warn, "progress": _progress}
+    hooks = {"log": _say, "warn": _warn, "progress": _say}
     metrics = evaluate_run(args, **hooks) if args.eval_only else train_run(args, **hooks)
     if metrics is None:  # a non-main DDP rank
         return 0

@@ -147,7 +147,7 @@ def test_walls():
 # ---------------------------------------------------------------- a run's output
 
 def test_a_run_says_what_it_does(tmp_path, capsys, monkeypatch):
-    """Opening line, the three walls as warnings on stderr, progress lines on stderr (no terminal),
+    """Opening line, the three walls as warnings on stderr, progress lines (stderr no terminal),
     the closing block on the test split with the zero-shot reference, the run's files."""
     monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
     images = image_folder(tmp_path / "my_images")
@@ -163,7 +163,7 @@ def test_a_run_says_what_it_does(tmp_path, capsys, monkeypatch):
         assert needle in opening, (needle, opening)
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3, err
-    assert "step 1/2" in err  # a progress line within the epoch
+    assert "epoch 1/1  step 1/2  loss" in stdout  # a progress line within the epoch
     assert "accuracy (%) on the test split" in stdout and "zero-shot" in stdout
     block = stdout[stdout.index("accuracy (%)"):]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -187,9 +187,9 @@ def test_eval_only_labels_its_split_and_zero_shot_can_be_skipped(tmp_path, capsy
 
 def test_no_progress_lines_with_no_progress(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
-    code, _, err = run_cli(["--method", "coop", "--shots", "2", "--batch-size", "4", "--epochs", "2",
-                            "--no-progress", "--out", str(tmp_path / "r")], capsys)
-    assert code == 0 and "step " not in err and "warning" not in err
+    code, stdout, err = run_cli(["--method", "coop", "--shots", "2", "--batch-size", "4", "--epochs",
+                                 "2", "--no-progress", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "step " not in stdout + err and "warning" not in err
 
 
 # ---------------------------------------------------------------- curves.png
