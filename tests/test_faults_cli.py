@@ -271,10 +271,10 @@ def test_closed_pipe_ends_predict_quietly(tmp_path):
     run_dir = fp.save(fp.create("coop", tiny_clip(), CLASSNAMES), tmp_path / "run")
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(1500):  # ~150 kB of output: more than a pipe buffers
+    for i in range(800):  # ~80 kB of output: more than a pipe buffers (64 kB)
         Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(images / f"{i:04d}.png")
     cmd = (f"set -o pipefail; {sys.executable} -m fastprompt.predict --model {run_dir} {images} "
-           f"--batch-size 500 | head -1")
+           f"--batch-size 400 | head -1")
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
     assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
