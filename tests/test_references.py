@@ -54,8 +54,9 @@ def ce_reference(logits_fn, y):
 
 
 # ------------------------------------------------------------------------------ CoOp, CoCoOp
-@pytest.mark.parametrize("options, prefix", [({}, "a photo of a"),
-                                             ({"csc": True, "ctx_init": "", "n_ctx": 3}, "X X X")])
+@pytest.mark.parametrize("options, prefix", [
+    pytest.param({}, "a photo of a", id="shared"),
+    pytest.param({"csc": True, "ctx_init": "", "n_ctx": 3}, "X X X", id="class-specific")])
 def test_coop_matches_reference(options, prefix):
     model, cm = make("coop", **options), tiny_clip().model
     x, y = images(3, seed=1), torch.tensor([0, 2, 4])
