@@ -52,14 +52,6 @@ def describe_os_error(err: OSError) -> str:
     return f"{reason}{where}" + (f" ({hint})" if hint else "")
 
 
-def _backbone_error():  # clip.BackboneError, while it may still be its own class there
-    try:
-        from .clip import BackboneError
-    except Exception:  # noqa: BLE001 - the handler must work even if clip cannot be imported
-        return FastpromptError
-    return BackboneError
-
-
 def _silence_stdout() -> None:
     """After the reader closed stdout: point it at /dev/null so the exit flush stays quiet."""
     try:
@@ -109,7 +101,4 @@ def run_cli(body: Callable[[], int],
             error("GPU out of memory: lower --batch-size (or use --precision bf16); finished "
                   "epochs are saved, --resume continues")
             return 3
-        if isinstance(err, _backbone_error()):
-            error(first_line(err))
-            return 2
         raise

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -30,10 +32,6 @@ TINY_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 12},
 }
 TINY_NAMES = ("tiny",)
-
-
-class BackboneError(ValueError):
-    """A backbone that cannot be loaded or is not supported (one-line message)."""
 
 
 @dataclass
