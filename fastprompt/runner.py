@@ -16,7 +16,7 @@ from .clip import load_clip
 from .data import DataError, canonical_name, few_shot, load_dataset, split_base_novel
 from .data.generated import DEFAULT_DATASET
 from .errors import InputError
-from .evaluate import harmonic_mean, score
+from .scoring import harmonic_mean, score
 from .files import write_json
 from .recipes import default_protocol, recipe_for, zero_shot_templates
 from .rundir import check_resume, open_run_dir

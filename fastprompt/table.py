@@ -115,7 +115,7 @@ def chance(dataset: str, root=None) -> tuple[float, float]:
 def summarize(rows: list[dict]) -> dict:
     """Seed-averaged base and novel accuracy, and the HM of those averages (as the papers report
     it: CoCoOp's 75.83 = HM(80.47, 71.69), not the mean of per-seed HMs)."""
-    from .evaluate import harmonic_mean
+    from .scoring import harmonic_mean
 
     base = sum(r["base_acc"] for r in rows) / len(rows)
     novel = sum(r["novel_acc"] for r in rows) / len(rows)

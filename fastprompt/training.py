@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checkpoint import CheckpointError, check_finite, read_safetensors, save
 from .data import ImageDataset, train_transform
 from .errors import TrainingError
-from .evaluate import autocast, loader_kwargs
+from .scoring import autocast, loader_kwargs
 from .files import append_line, atomic_write
 from .recipes import Recipe
 

@@ -319,7 +319,7 @@ def test_skipped_images_are_seen_across_loader_workers(pets, workers):
 
 
 def test_accuracy_reports_skips_made_in_workers(pets):
-    from fastprompt.evaluate import accuracy
+    from fastprompt.scoring import accuracy
 
     d = load_dataset("oxford_pets", pets[0])
     corrupt(d.test[4].impath)

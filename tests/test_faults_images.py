@@ -114,7 +114,7 @@ def test_a_wholly_unreadable_class_is_an_error(tmp_path):
 
 
 def test_evaluation_leaves_unreadable_images_out(tmp_path):
-    from fastprompt.evaluate import score
+    from fastprompt.scoring import score
 
     data = _files(tmp_path)
     open(data[4].impath, "wb").write(b"broken")

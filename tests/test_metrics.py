@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from fastprompt.data import Datum
-from fastprompt.evaluate import accuracy, harmonic_mean
+from fastprompt.scoring import accuracy, harmonic_mean
 from fastprompt.table import summarize
 
 

@@ -1,4 +1,5 @@
-"""Accuracy of a classifier on a list of images, and the base-to-novel harmonic mean."""
+"""Scores: accuracy of a classifier on a list of images, the base-to-novel harmonic mean, and the
+device helpers evaluation and training share (autocast, loader settings)."""
 from __future__ import annotations
 
 import warnings
