@@ -23,6 +23,8 @@ import zipfile
 
 import torch
 
+from .errors import BackboneError
+
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -50,8 +52,6 @@ def openai_release_state(path: str) -> dict | None:
 
     Reading an archive builds TorchScript's own restricted objects (no Python pickle code runs);
     a state dict is read with `weights_only=True`."""
-    from .clip import BackboneError
-
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # torch.jit is deprecated, yet it is the release format
@@ -85,8 +85,6 @@ def _state_keys(path: str) -> set[str]:
 def resolve_quick_gelu(open_clip, name: str, pretrained: str | None,
                        quick_gelu: bool | None) -> tuple[bool, dict | None]:
     """(build with QuickGELU?, the state dict of an OpenAI release-format file, else None)."""
-    from .clip import BackboneError
-
     file = pretrained if pretrained is not None and os.path.isfile(pretrained) else None
     release_state = openai_release_state(file) if file else None
     schema = name.split(":", 1)[0] if ":" in name else None

@@ -1,4 +1,4 @@
-"""Downstream datasets drawn by the pretraining corpus's renderer (`fastprompt.pretrain.corpus`).
+"""Downstream datasets drawn like the pretraining corpus (`shapes.render`, as `fastprompt.pretrain.corpus`).
 
 Like the real benchmarks, each is a *domain* the pretrained `tiny` CLIP was not trained on: the
 scenes are rendered as in pretraining and then seen through a fixed imaging condition, so
@@ -29,6 +29,7 @@ import functools
 import numpy as np
 
 from .protocol import DatasetSplits, Datum
+from .shapes import HELD_OUT, SIZES, TEXTURES, describe, render
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -70,29 +71,44 @@ DEFAULT_DATASET = "shapes_colour"
 
 
 def _classname(name: str, a: dict) -> str:
-    from ..pretrain.corpus import describe
-
     return describe(a["colour"], a["shape"], a["count"], a["texture"] if name == "shapes_texture"
                     else None, count_word=name == "shapes_count")
 
 
 def held_out_classes() -> list[str]:
     """Classes of ``shapes_colour`` whose colour–shape pair never occurs in pretraining."""
-    from ..pretrain.corpus import HELD_OUT
-
     return [f"{c} {s}" for c, s in _COLOUR_CLASSES if (c, s) in HELD_OUT]
 
 
 def _image(rng: np.random.Generator, a: dict, domain, image_size: int):
     from PIL import Image
 
-    from ..pretrain.corpus import SIZES, TEXTURES, render
-
     texture = a["texture"] or TEXTURES[int(rng.integers(2))]
     size = list(SIZES)[int(rng.integers(2))]
     scene = render(rng, a["colour"], a["shape"], a["count"], texture, size, image_size)
     seen = domain(rng, np.asarray(scene, dtype=np.float64))
     return Image.fromarray(np.clip(seen, 0, 255).astype(np.uint8), "RGB")
+
+
+def draw_splits(name: str, classnames: list[str], counts: tuple[int, int, int], seed_prefix,
+                draw) -> DatasetSplits:
+    """A generated dataset: `counts` train / val / test images per class, image i of class y in
+    a split drawn by `draw(rng, y)` from its own generator seeded with
+    ``(*seed_prefix, split id, y, i)`` (so other counts keep the images that remain)."""
+    splits: dict[str, list[Datum]] = {}
+    for split, count in zip(("train", "val", "test"), counts):
+        items = []
+        for y, cname in enumerate(classnames):
+            for i in range(count):
+                rng = np.random.default_rng([*seed_prefix, _SPLIT_IDS[split], y, i])
+                items.append(Datum(None, y, cname, image=draw(rng, y)))
+        splits[split] = items
+    return DatasetSplits(name, classnames, splits["train"], splits["val"], splits["test"])
+
+
+def fresh(d: DatasetSplits) -> DatasetSplits:
+    """A new container over a cached dataset's items, so callers may reassign its lists."""
+    return DatasetSplits(d.name, list(d.classnames), list(d.train), list(d.val), list(d.test))
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,21 +120,13 @@ def make_generated(name: str, seed: int = 0, n_train: int = 32, n_val: int = 8, 
     classes = build()
     classnames = [_classname(name, a) for a in classes]
     ds_id = 104729 + GENERATED.index(name)
-    splits: dict[str, list[Datum]] = {}
-    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
-        items = []
-        for y, a in enumerate(classes):
-            for i in range(count):
-                rng = np.random.default_rng([seed, ds_id, _SPLIT_IDS[split], y, i])
-                items.append(Datum(None, y, classnames[y], image=_image(rng, a, domain, image_size)))
-        splits[split] = items
-    return DatasetSplits(name, classnames, splits["train"], splits["val"], splits["test"])
+    return draw_splits(name, classnames, (n_train, n_val, n_test), (seed, ds_id),
+                       lambda rng, y: _image(rng, classes[y], domain, image_size))
 
 
 def loader(name: str):
     """Registry entry for dataset `name` (``root`` is ignored: nothing is read from disk)."""
     def load(root=None, seed: int = 0, **options) -> DatasetSplits:
-        d = make_generated(name, seed=seed, **options)
-        return DatasetSplits(d.name, list(d.classnames), list(d.train), list(d.val), list(d.test))
+        return fresh(make_generated(name, seed=seed, **options))
     load.__doc__ = f"The generated '{name}' dataset (fastprompt.data.generated)."
     return load

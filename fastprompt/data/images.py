@@ -8,10 +8,9 @@ from typing import Callable, Sequence
 
 from torch.utils.data import Dataset
 
+from ..clip import OPENAI_MEAN as CLIP_MEAN  # one copy of CLIP's preprocessing constants;
+from ..clip import OPENAI_STD as CLIP_STD    # the names stay importable from here
 from .protocol import DataError, Datum
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
