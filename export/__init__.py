@@ -16,9 +16,9 @@ import importlib
 #: public name -> the module of this package that defines it; imported on first use (PEP 562), so
 #: `python -m fastprompt.export --help` answers without importing torch
 _LAZY = {"ExportCheckError": "onnx", "ExportError": "onnx", "export_onnx": "onnx",
-         "run_fingerprint": "onnx", "OnnxRunner": "runners", "Runner": "runners",
+         "run_fingerprint": "model", "OnnxRunner": "runners", "Runner": "runners",
          "TensorRTRunner": "runners", "TorchRunner": "runners", "open_runner": "runners",
-         "TensorRTUnavailable": "tensorrt", "build_engine": "tensorrt",
+         "TensorRTUnavailable": "engine", "build_engine": "tensorrt",
          "export_tensorrt": "tensorrt"}
 
 __all__ = sorted(_LAZY)
@@ -26,7 +26,7 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str):
     if name not in _LAZY:
-        try:  # the submodules (`onnx`, `runners`, `tensorrt`, `fp16`) as attributes, as before
+        try:  # the submodules (`onnx`, `runners`, `tensorrt`, `fp16`, ...) as attributes, as before
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as err:
             if err.name != f"{__name__}.{name}":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx import ExportError
+from fastprompt.errors import ExportError
 
 FP32, FP16 = 1, 10                      # onnx.TensorProto.FLOAT, FLOAT16
 ANY_INPUT_TYPE = {"Shape", "Size", "Cast"}   # ops whose output type does not follow the input's

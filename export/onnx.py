@@ -18,12 +18,8 @@ selectable (`exporter="dynamo"`, `--exporter dynamo`) and has a test.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import inspect
 import io
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,122 +29,15 @@ import torch
 from torch import nn
 
 from fastprompt.errors import ExportCheckError, ExportError, require
-from fastprompt.files import atomic_write
+from fastprompt.files import atomic_write, move_into_place
+
+from .model import (_ImagesOnly, exportable_classifier, load_run, metadata,  # noqa: F401
+                    read_metadata, run_fingerprint)
 
 MIN_OPSET = 17
 INPUT = "images"
 EXPORTERS = ("torchscript", "dynamo")
 MAX_REL_ERR = 1e-3
-
-
-def run_fingerprint(run_dir) -> str:
-    """sha256 over the run's adapter.safetensors then config.json bytes."""
-    from fastprompt.checkpoint import CONFIG, WEIGHTS
-
-    h = hashlib.sha256()
-    for name in (WEIGHTS, CONFIG):
-        h.update((Path(run_dir) / name).read_bytes())
-    return h.hexdigest()
-
-
-def load_run(run_dir):
-    """fp.load(run_dir), with every failure turned into a one-line ExportError."""
-    import fastprompt as fp
-    from fastprompt.clip import BackboneError
-    from fastprompt.errors import FastpromptError, first_line
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ExportError(f"run directory not found: {run_dir}")
-    try:
-        return fp.load(path)
-    except ExportError:
-        raise
-    except (FastpromptError, BackboneError) as err:  # checkpoint, backbone, options in config.json
-        raise ExportError(first_line(err)) from None
-
-
-def exportable_classifier(model) -> nn.Module:
-    """The model's cached-text classifier on the reference (pure-torch) path, fp32, CPU."""
-    if not getattr(model, "caches_text", True):
-        raise ExportError(
-            f"method '{model.name}' cannot be exported: its text features depend on each image "
-            f"(the text tower runs per image), so there is no single image pass to export; serve it "
-            f"with torch instead (python -m fastprompt.predict --model RUN_DIR)")
-    clf = model.classifier()
-    if not getattr(clf, "caches_text", True):
-        raise ExportError(f"method '{model.name}' has no cached-text classifier to export")
-    clf.use_reference_kernels().eval()
-    if clf.logit_scale.device.type != "cpu" or clf.logit_scale.dtype != torch.float32:
-        # traced and checked on the CPU in fp32; a copy, so the caller's model stays where it is
-        clf = copy.deepcopy(clf).float().cpu()
-    return clf
-
-
-class _ImagesOnly(nn.Module):
-    """One graph input (images); logits or normalised features out."""
-
-    def __init__(self, clf: nn.Module, features: bool):
-        super().__init__()
-        self.clf, self.features = clf, features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clf.features(images) if self.features else self.clf(images)
-
-
-def metadata(model, clf, features: bool, fingerprint: str | None) -> dict[str, str]:
-    """What a runner needs besides the graph, as ONNX metadata_props (strings; lists as JSON)."""
-    import fastprompt
-
-    return {
-        "classnames": json.dumps(list(clf.classnames)),
-        "image_size": str(int(clf.image_size)),
-        "mean": json.dumps([float(v) for v in clf.mean]),
-        "std": json.dumps([float(v) for v in clf.std]),
-        "method": model.name,
-        "backbone": json.dumps(model.clip.source),
-        "output": "features" if features else "logits",
-        "fastprompt_version": fastprompt.__version__,
-        "run_fingerprint": fingerprint or "",
-    }
-
-
-def read_metadata(props: dict[str, str], where="the model") -> dict:
-    """Parse and check the metadata_props written by `metadata`: ExportError (one line naming the
-    key) if one is missing or malformed."""
-    missing = [k for k in ("classnames", "image_size", "mean", "std", "output") if k not in props]
-    if missing:
-        raise ExportError(f"{where} is not a fastprompt export: its metadata lacks "
-                          f"{', '.join(missing)}; export it again with python -m fastprompt.export")
-    out = dict(props)
-
-    def bad(key, want):
-        return ExportError(f"metadata '{key}' of {where} is {str(props.get(key))[:60]!r}, expected "
-                           f"{want}: export the run again")
-
-    for key in ("classnames", "mean", "std", "backbone"):
-        if key in out:
-            try:
-                out[key] = json.loads(out[key])
-            except (ValueError, TypeError, RecursionError):
-                raise bad(key, "JSON") from None
-    names = out["classnames"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise bad("classnames", "a JSON list of class names")
-    for key in ("mean", "std"):
-        v = out[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)):
-            raise bad(key, "a JSON list of 3 finite numbers")
-    if min(out["std"]) <= 0:
-        raise bad("std", "positive numbers")
-    text = str(out["image_size"]).strip()
-    if not text.isdigit() or not 1 <= int(text) <= 16384:
-        raise bad("image_size", "an integer from 1 to 16384")
-    out["image_size"] = int(text)
-    if out["output"] not in ("logits", "features"):
-        raise bad("output", "'logits' or 'features'")
-    return out
 
 
 def _trace(module: nn.Module, example: torch.Tensor, opset: int, exporter: str, out_name: str):
@@ -326,7 +215,7 @@ def export_onnx(source, out, *, features: bool = False, opset: int = MIN_OPSET,
         log(result.check.line())
         if not result.check.ok:
             rejected = path.with_name(f"{path.stem}.rejected{path.suffix or '.onnx'}")
-            os.replace(tmp, rejected)
+            move_into_place(tmp, rejected)
             raise ExportCheckError(f"the export does not reproduce the torch classifier: "
                                    f"{result.check.line()} (tolerance: rel err <= {MAX_REL_ERR:g} "
                                    f"and the same top-1); {path} left as it was, the export kept "

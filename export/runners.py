@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprompt.errors import FastpromptError
+from fastprompt.errors import ExportError, FastpromptError
 
-from .onnx import ExportError, read_metadata
+from .model import read_metadata
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs it (NvInferRuntime.h, TRT 10/11)
@@ -115,7 +115,7 @@ class TorchRunner(Runner):
     """The run's own classifier in torch (any method, CoCoOp included)."""
 
     def __init__(self, source, device: str = "cpu"):
-        from .onnx import load_run
+        from .model import load_run
 
         model = load_run(source) if isinstance(source, (str, Path)) else source
         self.device = device
@@ -172,7 +172,7 @@ class TensorRTRunner(Runner):
     zero images and the padding's rows are dropped."""
 
     def __init__(self, path, device: str = "cuda"):
-        from .tensorrt import check_compatible, read_engine, require_tensorrt, trt_logger
+        from .engine import check_compatible, read_engine, require_tensorrt, trt_logger
 
         trt = require_tensorrt()
         if not str(device).startswith("cuda"):

@@ -10,34 +10,30 @@
     choice of flags, a pure function of the TensorRT version;
   - one optimisation profile over the batch axis (min, opt, max); opt is the deployment batch;
   - a timing cache next to the engine (`X.timing.cache`), read before and written after the build.
-The sidecar `X.plan.json` holds what a runner needs (class names, image size, mean/std, output),
-what the engine is bound to (GPU name, TensorRT version, run fingerprint) and the sha256 of the
-plan: each file is written atomically and `read_engine` refuses a plan that is not the one its
-sidecar describes, or an engine built on another GPU or TensorRT version (`check_compatible`).
+The plan and its sidecar `X.plan.json` (what a runner needs, what the engine is bound to, the
+plan's sha256) are written and checked by `engine.py`, whose names are importable from here too.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastprompt.checkpoint import atomic_write
+from fastprompt.errors import ExportCheckError, ExportError
+from fastprompt.files import write_bytes
 
-from .onnx import ExportCheckError, ExportError, compare, export_onnx, read_metadata
+from .engine import (SIDECAR_FORMAT, SUPPORTED_MAJORS, TensorRTUnavailable,  # noqa: F401
+                     check_compatible, device_info, read_engine, require_tensorrt, sidecar_path,
+                     tensorrt_major, tensorrt_missing, timing_cache_path, trt_logger,
+                     write_engine)
+from .model import read_metadata
+from .onnx import compare, export_onnx
+from .runners import TensorRTRunner, check_out_suffix
 
-SIDECAR_FORMAT = "fastprompt-engine/2"   # /2: plan_sha256 added; /1 sidecars are refused
-SUPPORTED_MAJORS = (10, 11)
 DEFAULT_BATCH = (1, 32, 128)
 FP16_MAX_REL_ERR = 3e-2   # fp16 matmuls / attention vs the fp32 torch classifier
 FP32_MAX_REL_ERR = 1e-3
-
-
-class TensorRTUnavailable(ExportError):
-    """TensorRT or CUDA is missing (one-line reason)."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +43,6 @@ class BuildFlags:
 
     network: tuple[str, ...]
     clear: tuple[str, ...]
-
-
-def tensorrt_major(version: str) -> int:
-    """10 for '10.16.1.11'; TensorRTUnavailable for a version fastprompt does not support."""
-    try:
-        major = int(str(version).split(".")[0])
-    except ValueError:
-        major = -1
-    if major not in SUPPORTED_MAJORS:
-        raise TensorRTUnavailable(
-            f"TensorRT {version} is not supported: fastprompt builds and runs engines with "
-            f"TensorRT 10.x or 11.x (pip install 'fastprompt[tensorrt]')")
-    return major
 
 
 def build_flags(version: str) -> BuildFlags:
@@ -76,28 +59,6 @@ def build_flags(version: str) -> BuildFlags:
     return BuildFlags(network=(), clear=("TF32",))
 
 
-def require_tensorrt():
-    """The `tensorrt` module (10.x / 11.x) and a CUDA device, or TensorRTUnavailable saying what
-    is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTUnavailable("TensorRT is not installed: pip install 'fastprompt[tensorrt]' "
-                                  "(needs an NVIDIA GPU with CUDA)") from None
-    tensorrt_major(trt.__version__)
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT engines need a CUDA device and torch sees none")
-    return trt
-
-
-@functools.lru_cache(maxsize=None)
-def trt_logger():
-    """The one TensorRT logger of this process (builders, parsers and runtimes share it)."""
-    import tensorrt as trt
-
-    return trt.Logger(trt.Logger.WARNING)
-
-
 def parse_batch(text) -> tuple[int, int, int]:
     """'MIN,OPT,MAX' -> (min, opt, max) with 1 <= min <= opt <= max."""
     try:
@@ -107,65 +68,6 @@ def parse_batch(text) -> tuple[int, int, int]:
     if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
         raise ExportError(f"--batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
     return vals
-
-
-def sidecar_path(plan) -> Path:
-    return Path(f"{plan}.json")
-
-
-def timing_cache_path(plan) -> Path:
-    return Path(plan).with_suffix(".timing.cache")
-
-
-def device_info() -> dict:
-    import tensorrt as trt
-
-    return {"gpu": torch.cuda.get_device_name(), "tensorrt_version": trt.__version__,
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
-
-
-def write_engine(plan, data: bytes, sidecar: dict) -> dict:
-    """Write the plan, then its sidecar holding the plan's sha256, each atomically. A crash
-    between the two leaves a pair that `read_engine` refuses (the hashes differ), never a silent
-    mismatch."""
-    sidecar = {**sidecar, "format": SIDECAR_FORMAT, "plan_sha256": hashlib.sha256(data).hexdigest()}
-    plan = Path(plan)
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(plan, lambda p: p.write_bytes(data))
-    atomic_write(sidecar_path(plan), lambda p: p.write_text(json.dumps(sidecar, indent=2)))
-    return sidecar
-
-
-def read_engine(plan) -> tuple[dict, bytes]:
-    """(sidecar, plan bytes) after checking that they belong together."""
-    path, plan = sidecar_path(plan), Path(plan)
-    if not path.is_file():
-        raise ExportError(f"{path} not found: an engine needs the sidecar written next to it by "
-                          f"python -m fastprompt.export --format tensorrt")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else "unreadable JSON"
-        raise ExportError(f"{path} has format {found!r}, expected {SIDECAR_FORMAT!r}: rebuild the "
-                          f"engine with python -m fastprompt.export --format tensorrt")
-    data = plan.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("plan_sha256"):
-        raise ExportError(f"{plan} is not the engine its sidecar {path.name} describes (sha256 "
-                          f"differs: written by another build or cut short); rebuild the engine")
-    return meta, data
-
-
-def check_compatible(meta: dict, plan) -> None:
-    """Refuse an engine built for another GPU or TensorRT version (engines are not portable)."""
-    here = device_info()
-    for key, what in (("gpu", "GPU"), ("tensorrt_version", "TensorRT version")):
-        if meta.get(key) != here[key]:
-            raise ExportError(
-                f"{plan} was built for {what} {meta.get(key)!r} but this machine has "
-                f"{here[key]!r}: TensorRT engines only run where they were built; rebuild it here "
-                f"from the run or the ONNX file (python -m fastprompt.export --format tensorrt)")
 
 
 def _enum_flags(enum, names) -> int:
@@ -236,7 +138,7 @@ def build_engine(onnx_path, plan, batch=DEFAULT_BATCH, fp16: bool = True, timing
         "precision": precision, "tf32": False, "batch": {"min": mn, "opt": opt, "max": mx},
         "input": inp.name, **device_info()})
     timings = memoryview(config.get_timing_cache().serialize()).tobytes()
-    atomic_write(cache_file, lambda p: p.write_bytes(timings))
+    write_bytes(cache_file, timings)
     log(f"wrote {plan} ({Path(plan).stat().st_size / 1e6:.1f} MB), {sidecar_path(plan).name}, "
         f"{cache_file.name}")
     return sidecar
@@ -245,8 +147,6 @@ def build_engine(onnx_path, plan, batch=DEFAULT_BATCH, fp16: bool = True, timing
 @torch.no_grad()
 def check_engine(plan, module, image_size: int, batch: int, fp16: bool, log=print):
     """TensorRT runner vs the torch module (fp32, same GPU) on random images."""
-    from .runners import TensorRTRunner
-
     runner = TensorRTRunner(plan)
     module = module.cuda()
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -267,8 +167,6 @@ def check_engine(plan, module, image_size: int, batch: int, fp16: bool, log=prin
 def export_tensorrt(run_dir, out, *, batch=DEFAULT_BATCH, fp16: bool = True, features: bool = False,
                     opset: int = 17, exporter: str = "torchscript", log=print) -> dict:
     """Run -> ONNX (next to the engine, checked) -> engine + sidecar (checked on the GPU)."""
-    from .runners import check_out_suffix
-
     check_out_suffix("tensorrt", out)
     require_tensorrt()
     batch = parse_batch(batch)

@@ -9,6 +9,7 @@ and the temporary file is removed on every failure. The new file gets the permis
     write_text(path, text)            write_bytes(path, data)
     write_json(path, obj)             append_line(path, line)   # a log that never holds half a line
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))   # a library that writes by path
+    move_into_place(tmp, path)        # a finished temporary file, kept under another name
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["append_line", "atomic_write", "write_bytes", "write_json", "write_text"]
+__all__ = ["append_line", "atomic_write", "move_into_place", "write_bytes", "write_json",
+           "write_text"]
 
 
 def _mode_for(path: Path) -> int:
@@ -63,9 +65,7 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, _mode_for(path))
-        _fsync_path(tmp)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException as err:
         try:
             tmp.unlink()
@@ -74,6 +74,18 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
         if isinstance(err, OSError) and err.filename in (str(tmp), tmp, name):
             err.filename = str(path)  # name the file the user asked for, not our temporary one
         raise
+    return path
+
+
+def move_into_place(tmp, path) -> Path:
+    """Rename the finished file `tmp` over `path` (same directory): it gets the permissions a
+    plain `open(path, "w")` would give it, its bytes reach the disk before the rename and the
+    rename reaches the disk after it. `atomic_write` ends with this; a caller that keeps a
+    finished temporary file under another name (an export that failed its check) uses it too."""
+    tmp, path = Path(tmp), Path(path)
+    os.chmod(tmp, _mode_for(path))
+    _fsync_path(tmp)
+    os.replace(tmp, path)
     _fsync_path(path.parent or ".", directory=True)
     return path
 

@@ -23,6 +23,7 @@ from fastprompt import predict as predict_cli  # noqa: E402
 from fastprompt.export import (ExportError, OnnxRunner, TorchRunner, export_onnx,  # noqa: E402
                                open_runner, run_fingerprint)
 from fastprompt.export import __main__ as export_cli  # noqa: E402
+from fastprompt.export import engine as fp_engine  # noqa: E402
 from fastprompt.export import onnx as fp_onnx  # noqa: E402
 from fastprompt.export import tensorrt as fp_trt  # noqa: E402
 
@@ -273,8 +274,8 @@ def test_parse_batch():
 
 
 def test_engine_from_another_gpu_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(fp_trt, "device_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3",
-                                                        "tensorrt_version": "10.9.0"})
+    monkeypatch.setattr(fp_engine, "device_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3",
+                                                           "tensorrt_version": "10.9.0"})
     fp_trt.check_compatible({"gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"}, "m.plan")
     with pytest.raises(ExportError, match="built for GPU 'NVIDIA A100.*rebuild"):
         fp_trt.check_compatible({"gpu": "NVIDIA A100-SXM4-40GB", "tensorrt_version": "10.9.0"}, "m.plan")
@@ -282,16 +283,8 @@ def test_engine_from_another_gpu_is_refused(monkeypatch, tmp_path):
         fp_trt.check_compatible({"gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.3.0"}, "m.plan")
 
 
-def _tensorrt_missing() -> str | None:
-    try:
-        fp_trt.require_tensorrt()
-    except ExportError as err:
-        return str(err)
-    return None
-
-
-needs_tensorrt = pytest.mark.skipif(_tensorrt_missing() is not None,
-                                    reason=f"TensorRT engine tests: {_tensorrt_missing()}")
+needs_tensorrt = pytest.mark.skipif(fp_engine.tensorrt_missing() is not None,
+                                    reason=f"TensorRT engine tests: {fp_engine.tensorrt_missing()}")
 
 
 @pytest.mark.gpu
@@ -325,7 +318,7 @@ def test_tensorrt_cli(runs, tmp_path):
     assert rc == 0 and (tmp_path / "mma.onnx").is_file() and (tmp_path / "mma.plan.json").is_file()
 
 
-@pytest.mark.skipif(_tensorrt_missing() is None, reason="TensorRT and CUDA are present")
+@pytest.mark.skipif(fp_engine.tensorrt_missing() is None, reason="TensorRT and CUDA are present")
 def test_tensorrt_missing_is_a_clear_error(runs, tmp_path, capsys):
     rc = export_cli.main(["--run", str(runs["maple"]), "--format", "tensorrt", "--out", str(tmp_path / "m.plan")])
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ from common import CLASSNAMES, perturb, tiny_clip  # noqa: E402
 from fastprompt import predict as predict_cli  # noqa: E402
 from fastprompt.export import ExportError, export_onnx  # noqa: E402
 from fastprompt.export import __main__ as export_cli  # noqa: E402
+from fastprompt.export import engine as fp_engine  # noqa: E402
 from fastprompt.export import fp16 as fp_fp16  # noqa: E402
 from fastprompt.export import runners  # noqa: E402
 from fastprompt.export import tensorrt as fp_trt  # noqa: E402
@@ -301,7 +302,7 @@ def test_engine_pair_is_written_and_checked_together(tmp_path, monkeypatch):
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fp_trt.json, "dumps", die)
+    monkeypatch.setattr(fp_engine.json, "dumps", die)
     with pytest.raises(KeyboardInterrupt):
         fp_trt.write_engine(plan, b"engine two", {"classnames": CLASSNAMES})
     monkeypatch.undo()
@@ -355,16 +356,8 @@ def test_predict_runner_failure_is_one_line(graphs, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------- engines (TensorRT + GPU)
-def _tensorrt_missing() -> str | None:
-    try:
-        fp_trt.require_tensorrt()
-    except ExportError as err:
-        return str(err)
-    return None
-
-
-needs_tensorrt = pytest.mark.skipif(_tensorrt_missing() is not None,
-                                    reason=f"TensorRT engine tests: {_tensorrt_missing()}")
+needs_tensorrt = pytest.mark.skipif(fp_engine.tensorrt_missing() is not None,
+                                    reason=f"TensorRT engine tests: {fp_engine.tensorrt_missing()}")
 
 
 @pytest.mark.gpu
