@@ -306,10 +306,8 @@ def _forward(h, y, params, scale, save):
     h2, stride_h = _rows(h, D)
     y2, stride_y = _rows(y, D)
     T = h.numel() // D
-    wd, bd, ws, bs, wu, bu = params
-    if not (wd.is_contiguous() and ws.is_contiguous() and wu.is_contiguous() and bd.is_contiguous()
-            and bs.is_contiguous() and bu.is_contiguous()):
-        wd, bd, ws, bs, wu, bu = (p.contiguous() for p in params)
+    wd, bd, ws, bs, wu, bu = params if all(p.is_contiguous() for p in params) else (
+        p.contiguous() for p in params)
     dtype = h.dtype
     # fp32 activations: IEEE dots unless the user allowed TF32 for fp32 matmuls (read per call)
     plan = _plan(T, D, R, dtype, h.get_device(), dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)

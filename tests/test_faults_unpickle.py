@@ -45,8 +45,8 @@ def test_huge_memo_index_is_refused(tmp_path):
 
 
 def test_opcode_flood_is_refused(tmp_path, monkeypatch):
-    import fastprompt.original.unpickle as up
-    monkeypatch.setattr(up, "MAX_OPCODES", 1000)
+    import fastprompt.original.pickles as pickles  # the pickle bounds live there
+    monkeypatch.setattr(pickles, "MAX_OPCODES", 1000)
     path = tmp_path / "flood.pth"
     torch.save({"state_dict": {}, "junk": list(range(5000))}, path)
     assert "opcodes" in _fast(lambda: safe_load(path))
