@@ -14,13 +14,13 @@ position embedding, before `ln_pre` (MaPLe / VPT-deep style). The text tower's i
 embedding sequence built by the method (shallow prompts already substituted).
 
 `RunOptions.kernels` routes insertion+norm and the adapter branch through `fastprompt.kernels`
-(Triton on CUDA); off, it is `torch.cat` + `layer_norm` and the unfused branch, as the original
-code does. `RunOptions.truncate_text` cuts the causal text sequence to max(eot)+1 tokens: the
+(Triton on CUDA); off, through their pure-torch references (`fastprompt.kernels.reference`:
+`torch.cat` + `layer_norm` and the unfused branch, as the original code does). `RunOptions.truncate_text` cuts the causal text sequence to max(eot)+1 tokens: the
 end-of-text feature only attends to earlier tokens, so the result is identical.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,25 @@ from .clip import Clip, text_parts
 
 @dataclass
 class RunOptions:
-    kernels: bool = True
-    truncate_text: bool = True
+    """How a model runs, never what it computes: every switch is exact, and none is saved with a
+    model (`Method.runtime`; `fastprompt.create(..., kernels=False)` sets them). All on is the
+    fast path, all off (`plain()`) the original-style baseline."""
+
+    kernels: bool = True        # fused Triton kernels (CUDA) for insertion+norm and adapters
+    truncate_text: bool = True  # exact causal text shortcut: run max(eot)+1 tokens, not 77
     #: > 0: under autograd, run the text tower over this many sequences at a time with
     #: activation checkpointing — exact, activation memory ~ one chunk instead of every class,
-    #: for one extra text forward in the backward pass (training over many classes)
+    #: for one extra text forward in the backward pass (training over many classes; image x
+    #: class pairs for CoCoOp)
     text_chunk: int = 0
+    cache: bool = True          # exact caches of frozen activations / fixed text features (methods)
+
+    def plain(self) -> "RunOptions":
+        return replace(self, kernels=False, truncate_text=False, cache=False)
+
+
+#: the names of the runtime switches (split from a method's options by `fastprompt.create`)
+RUNTIME_OPTIONS = tuple(f.name for f in fields(RunOptions))
 
 
 @dataclass
@@ -169,6 +182,35 @@ class Backbone(nn.Module):
             return self.text_head(x, eot)
         return self.text_in_chunks(run, (emb, eot), hooks, opts)
 
+    def text_hidden(self, emb: torch.Tensor, eot: torch.Tensor, opts: RunOptions, layers: int,
+                    used: int | None = None) -> torch.Tensor:
+        """The hidden states [N, n, D] entering text layer `layers`: token embeddings with the
+        position embedding added (truncated as `opts` says), through the frozen layers
+        0..layers-1 without hooks. Constant for a fixed prompt: what MMA caches below its adapters."""
+        return self.text_blocks(self.text_input(emb, eot, opts, used), NO_HOOKS, opts, stop=layers)
+
+    def encode_text_from(self, x: torch.Tensor, eot: torch.Tensor, layer: int,
+                         hooks: TowerHooks = NO_HOOKS, opts: RunOptions = RunOptions(),
+                         prompt_start: int = 1) -> torch.Tensor:
+        """Features [N, E] from hidden states `x` entering text layer `layer` (`text_hidden`'s
+        output): layers layer.. with `hooks`, then the head; in chunks as `encode_text`."""
+        def run(x, eot, hooks):
+            x = self.text_blocks(x, hooks, opts, start=layer, prompt_start=prompt_start)
+            return self.text_head(x, eot)
+        return self.text_in_chunks(run, (x, eot), hooks, opts)
+
+    def encode_text_per_prompt(self, emb: torch.Tensor, eot: torch.Tensor, prompts: torch.Tensor,
+                               opts: RunOptions = RunOptions(), start: int = 1,
+                               used: int | None = None) -> torch.Tensor:
+        """The C sequences `emb` [C, L, D] once per group of prompt rows `prompts` [B, n, D]
+        (written over rows start..start+n-1 of every sequence) -> features [B, C, E]: one batched
+        pass over B*C sequences, cut to the tokens needed before the B-fold copy (CoCoOp)."""
+        b, c = prompts.shape[0], emb.shape[0]
+        n = self.text_length(eot, emb.shape[1], opts, used)
+        seq = emb[:, :n].unsqueeze(0).expand(b, -1, -1, -1).reshape(b * c, n, -1)
+        seq = insert_rows(seq, prompts.repeat_interleave(c, dim=0), start)
+        return self.encode_text(seq, eot.repeat(b), opts=opts, used=used).view(b, c, -1)
+
     def text_in_chunks(self, fn, rows: tuple, hooks: TowerHooks, opts: RunOptions) -> torch.Tensor:
         """fn(*rows, hooks) -> [N, E], run over `opts.text_chunk` sequences at a time under
         activation checkpointing when autograd records (exact: the rows are independent); `rows`
@@ -221,13 +263,13 @@ class Backbone(nn.Module):
     def _block(self, blk, x, causal: bool, prompts, start: int, adapter: Adapter | None,
                opts: RunOptions) -> torch.Tensor:
         ln = blk.ln_1
-        if prompts is not None and opts.kernels:
+        if prompts is not None:  # fused (kernels on) or its pure-torch reference: cat + layer_norm
             from fastprompt import kernels
-            x, h = kernels.insert_prompts_layernorm(x, prompts.to(x.dtype), start, ln.weight,
-                                                    ln.bias, ln.eps)
+            from fastprompt.kernels import reference
+
+            insert = kernels.insert_prompts_layernorm if opts.kernels else reference.insert_prompts_layernorm
+            x, h = insert(x, prompts.to(x.dtype), start, ln.weight, ln.bias, ln.eps)
         else:
-            if prompts is not None:
-                x = insert_rows(x, prompts, start)
             h = ln(x)
         y = x + blk.ls_1(self._attention(blk.attn, h, causal))
         y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))

@@ -1,28 +1,52 @@
-"""What the command lines list in their --help: the methods (one line each, with the recipe
-defaults of `fastprompt.recipes`) and the datasets, without importing torch.
+"""What the command lines list in their --help: the methods (one line each, with their recipe
+defaults) and the datasets, without importing torch.
 
 The registries themselves (`fastprompt.list_methods()`, `fastprompt.data.list_datasets()`) import
-torch and open_clip, which takes seconds; `--help` must answer at once. These lists are written
-out instead, and `tests/test_first_hour.py` checks that they name exactly what the registries hold.
+torch and open_clip, which takes seconds; `--help` must answer at once. The methods are therefore
+read from their source files with `ast`: `MODULES` of fastprompt/methods/__init__.py (the order)
+and the `CARDS` literal of each file (description and recipes, the very constants the registry
+uses at run time). The datasets are written out here; `tests/test_first_hour.py` checks that both
+lists name exactly what the registries hold.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+from pathlib import Path
 
-from .recipes import recipe_for
+from .recipes import recipe_from_card
 
-#: method -> what it learns (README's method table, METHODS.md); order of the README
-METHOD_SUMMARIES = {
-    "zeroshot": "CLIP as released, prompted with CoOp's template of the dataset",
-    "coop": "4 learned context words before the class name (CoOp)",
-    "cocoop": "CoOp's context plus a shift computed from each image by a small meta-net (CoCoOp)",
-    "maple": "deep prompts in both towers, vision prompts projected from text ones (MaPLe)",
-    "ivlp": "independent deep prompts in the text and the vision tower (IVLP)",
-    "mma": "adapters in the upper layers of both towers with a shared middle layer (MMA)",
-    "lamm": "learned label embeddings in place of the class names, context frozen (LAMM)",
-    "coop+lamm": "CoOp's context and LAMM's label embeddings, trained together",
-    "maple+lamm": "MaPLe's prompts and LAMM's label embeddings, trained together",
-}
+METHODS_DIR = Path(__file__).resolve().parent / "methods"
+
+
+def _literal(path: Path, name: str):
+    """The value of the module-level assignment `name = <literal>` in the source file `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"{path} has no module-level literal {name}")
+
+
+def method_cards() -> dict[str, dict]:
+    """{method: its card}, in the order of the registry (methods/__init__.MODULES, then each
+    file's CARDS), read from the sources without importing them."""
+    cards: dict[str, dict] = {}
+    for module in _literal(METHODS_DIR / "__init__.py", "MODULES"):
+        cards.update(_literal(METHODS_DIR / f"{module}.py", "CARDS"))
+    return cards
+
+
+CARDS = method_cards()
+#: method -> what it learns (README's method table, METHODS.md), in the registry's order
+METHOD_SUMMARIES = {name: card["about"] for name, card in CARDS.items()}
+
+
+def method_names(trained: bool = False) -> list[str]:
+    """The methods in the registry's order (the table's); `trained`: only those with training
+    (a recipe of more than 0 epochs: every method but the zero-shot reference)."""
+    return [name for name in CARDS
+            if not trained or recipe_from_card(name, CARDS[name]).epochs > 0]
 
 #: generated in memory (no files, no --data-root); shapes_colour is the default dataset
 GENERATED_DATASETS = ("shapes_colour", "shapes_texture", "shapes_count")
@@ -47,6 +71,9 @@ def dataset_names() -> list[str]:
 def recipe_summary(method: str) -> str:
     """The recipe defaults of `method`, compact: base-to-novel's batch, lr, epochs (warm-up), and
     where the cross-dataset recipe differs, what differs."""
+    def recipe_for(method, dataset="", recipe=None):
+        return recipe_from_card(method, CARDS[method], dataset, recipe)
+
     base = recipe_for(method, recipe="base2novel")
     if base.epochs == 0:
         return "no training"

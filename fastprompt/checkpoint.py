@@ -1,7 +1,9 @@
 """Adapter-only checkpoints: `config.json` (how to rebuild) + `adapter.safetensors` (trainable tensors).
 
 Nothing of the backbone is stored, only where its weights come from (model name, pretrained
-source, init seed); nothing is unpickled on load.
+source, init seed); nothing is unpickled on load. The options are what defines the model
+(`Method.options()`), never how fast it ran: a model loads with every runtime switch on
+(`model.runtime`); the switches older runs saved among their options are ignored.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .api import create
+from .backbone import RUNTIME_OPTIONS
 from .clip import Clip, load_clip
 from .errors import CheckpointError, FastpromptError, first_line
 from .files import atomic_write, write_json
@@ -150,7 +153,8 @@ def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | Non
                               f"pass clip=None or the matching backbone")
     check_fingerprint(src, clip, run_dir)
     try:
-        model = create(config["method"], clip, config["classnames"], **config["options"])
+        options = {k: v for k, v in config["options"].items() if k not in RUNTIME_OPTIONS}
+        model = create(config["method"], clip, config["classnames"], **options)
     except (FastpromptError, ValueError) as err:  # unknown method, option of the wrong type, ...
         raise CheckpointError(f"{Path(run_dir) / CONFIG}: {first_line(err)}") from None
     weights = Path(run_dir) / WEIGHTS

@@ -7,6 +7,8 @@ the module holds constants only; adapters are shared with the method that made i
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ class Classifier(nn.Module):
     def __init__(self, method, text_features: torch.Tensor, classnames: list[str]):
         super().__init__()
         self.backbone = method.backbone
-        self.opts = method.opts
+        self.opts = method.runtime
         self.classnames = list(classnames)
         self.image_size = method.clip.image_size
         self.mean, self.std = tuple(method.clip.mean), tuple(method.clip.std)
@@ -52,7 +54,7 @@ class Classifier(nn.Module):
 
     def use_reference_kernels(self) -> "Classifier":
         """Route every fused op through its pure-torch reference (what export traces)."""
-        self.opts = type(self.opts)(kernels=False, truncate_text=self.opts.truncate_text)
+        self.opts = dataclasses.replace(self.opts, kernels=False)
         return self
 
 

@@ -11,7 +11,8 @@ Shared (Dassl defaults, no released YAML overrides them): SGD momentum 0.9, weig
 so the full rate is reached right after the warm-up and the cosine never reaches 0 (MaPLe:
 1e-5, 3.5e-3, 3.17e-3, 2.29e-3, 1.21e-3).
 
-Two protocols, each with the recipe of the released scripts (`RECIPE_SETS`):
+Two protocols (`PROTOCOLS`), each with the recipe of the released scripts; each method's recipes
+are written in its own file (`CARDS` in fastprompt/methods/<file>.py, with their `source`):
 * `base2novel` — train on the base half, test base and novel (`scripts/*/base2new_train*.sh`);
   also what the few-shot scripts of LAMM use over all classes.
 * `cross` — train on all of ImageNet, test on other datasets / ImageNet variants
@@ -47,48 +48,64 @@ class Recipe:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-_COOP_CFG = "CoOp configs/trainers/CoOp/vit_b16_ctxv1.yaml"
-_MAPLE_CFG = "multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"
-_LAMM_CFG = "LAMM configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"
+#: the protocols, in the order `describe` lists them; a method without a `cross` recipe uses its
+#: base-to-novel one there (the released xd scripts pass the same config: CoCoOp, IVLP, MMA; LAMM
+#: released no xd recipe)
+PROTOCOLS = ("base2novel", "cross")
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
-BASE2NOVEL: dict[str, Recipe] = {
-    "zeroshot": Recipe(epochs=0, warmup_epochs=0, source="CoOp trainers/zsclip.py (no training)"),
-    "coop": Recipe(batch_size=32, lr=0.002, epochs=200, source=_COOP_CFG),
-    "cocoop": Recipe(batch_size=1, lr=0.002, epochs=10,
-                     source="CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"),
-    "maple": Recipe(batch_size=4, lr=0.0035, epochs=5, source=_MAPLE_CFG),
-    "ivlp": Recipe(batch_size=4, lr=0.0035, epochs=5,
-                   source="multimodal-prompt-learning configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml"),
-    "mma": Recipe(batch_size=16, lr=0.0015, epochs=5, warmup_epochs=0,
-                  source="Multi-Modal-Adapter configs/trainers/MultiModalAdapter/vit_b16_ep5.yaml"),
-    "lamm": Recipe(batch_size=32, lr=0.002, epochs=50, source=_LAMM_CFG),
-    "coop+lamm": Recipe(batch_size=32, lr=0.002, epochs=50, source=_LAMM_CFG),
-    "maple+lamm": Recipe(batch_size=4, lr=0.0035, epochs=5,
-                         source="LAMM configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"),
-}
 
-#: training on all of ImageNet for cross-dataset transfer / domain generalisation; methods not
-#: listed use their base-to-novel recipe with the ImageNet departures (the released xd scripts
-#: pass the same config: CoCoOp, IVLP, MMA; LAMM released no xd recipe)
-CROSS: dict[str, Recipe] = {
-    "coop": Recipe(batch_size=32, lr=0.002, epochs=50,
-                   source="CoOp configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml (ImageNet)"),
-    "maple": Recipe(batch_size=4, lr=0.0026, epochs=2, options={"depth": 3},
-                    source="multimodal-prompt-learning configs/trainers/MaPLe/"
-                           "vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml"),
-}
+def recipe_from_card(method: str, card: dict, dataset: str = "", recipe: str | None = None,
+                     **overrides) -> Recipe:
+    """The recipe `recipe` (default base2novel) of a method's card (`methods.base.card`), with
+    the card's departures for `dataset` and then `overrides` (None values ignored). Torch-free:
+    `fastprompt.catalog` calls it on the cards it reads from the method files."""
+    name = recipe or "base2novel"
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(PROTOCOLS)}")
+    recipes = card.get("recipes", {})
+    fields = dict(recipes.get(name) or recipes["base2novel"])
+    fields.update(card.get("datasets", {}).get(dataset, {}))
+    bad = sorted(set(fields) - _FIELDS)
+    if bad:
+        raise ValueError(f"the card of method '{method}' has the unknown recipe field '{bad[0]}'")
+    base = Recipe(**{**fields, "options": dict(fields.get("options", {}))})
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown recipe field '{unknown[0]}'; valid: {', '.join(sorted(_FIELDS))}")
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
-RECIPE_SETS = {"base2novel": BASE2NOVEL, "cross": CROSS}
 
-#: dataset-specific departures of the original configs (any protocol)
-DATASET_OVERRIDES: dict[tuple[str, str], dict] = {
-    ("coop", "imagenet"): {"epochs": 50},   # CoOp's *_ep50 configs for ImageNet
-    ("mma", "imagenet"): {"batch_size": 128,
-                          "source": "Multi-Modal-Adapter configs/trainers/MultiModalAdapter/vit_b16_ep5_imnet.yaml"},
-}
+def recipe_for(method: str, dataset: str = "", recipe: str | None = None, **overrides) -> Recipe:
+    """The recipe of `method` (by name `recipe`, default base2novel) with its dataset departures
+    and then `overrides` (None values ignored), from the method's card in its own file."""
+    from .methods import METHODS, card
 
-# back-compatible name: the base-to-novel recipes
-RECIPES = BASE2NOVEL
+    if method not in METHODS:
+        raise ValueError(f"no training recipe for method '{method}'; known: {', '.join(METHODS)}")
+    return recipe_from_card(method, card(method), dataset, recipe, **overrides)
+
+
+def _recipe_sets() -> dict[str, dict[str, Recipe]]:
+    """{protocol: {method: Recipe}}, from the registry; `cross` holds the methods that have a
+    cross recipe of their own."""
+    from .methods import METHODS, card
+
+    return {name: {m: recipe_for(m, recipe=name) for m in METHODS
+                   if name == "base2novel" or name in card(m).get("recipes", {})}
+            for name in PROTOCOLS}
+
+
+def __getattr__(name: str):
+    """`RECIPE_SETS`, `BASE2NOVEL`, `CROSS` and `RECIPES` (= BASE2NOVEL), built from the
+    registry on first use (importing this module imports no torch)."""
+    if name == "RECIPE_SETS":
+        return _recipe_sets()
+    if name in ("BASE2NOVEL", "RECIPES"):
+        return _recipe_sets()["base2novel"]
+    if name == "CROSS":
+        return _recipe_sets()["cross"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_protocol(dataset: str, subsample: str) -> str:
@@ -96,28 +113,10 @@ def default_protocol(dataset: str, subsample: str) -> str:
     return "cross" if dataset.lower() == "imagenet" and subsample == "all" else "base2novel"
 
 
-def recipe_for(method: str, dataset: str = "", recipe: str | None = None, **overrides) -> Recipe:
-    """The recipe of `method` (by name `recipe`, default base2novel) with its dataset departures
-    and then `overrides` (None values ignored)."""
-    if method not in BASE2NOVEL:
-        raise ValueError(f"no training recipe for method '{method}'; known: {', '.join(BASE2NOVEL)}")
-    name = recipe or "base2novel"
-    if name not in RECIPE_SETS:
-        raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPE_SETS)}")
-    base = RECIPE_SETS[name].get(method, BASE2NOVEL[method])
-    base = dataclasses.replace(base, options=dict(base.options))
-    base = dataclasses.replace(base, **DATASET_OVERRIDES.get((method, dataset), {}))
-    names = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown recipe field '{unknown[0]}'; valid: {', '.join(sorted(names))}")
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
 def describe(method: str) -> str:
     """One line per protocol: batch, lr, epochs, warm-up and options of `method`'s recipes."""
     parts = []
-    for name in RECIPE_SETS:
+    for name in PROTOCOLS:
         r = recipe_for(method, recipe=name)
         opts = "".join(f" {k}={v}" for k, v in r.options.items())
         parts.append(f"{name}: batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs"

@@ -64,7 +64,7 @@ def test_mma_cache_equals_uncached():
     model = perturb(fp.create("mma", tiny_clip(), CLASSNAMES))
     a = model.text_features()          # fills the layer-4 cache
     b = model.text_features()          # reads it
-    model.config.cache = False
+    model.runtime.cache = False
     c = model.text_features()
     assert model._cache and torch.allclose(a, b) and torch.allclose(b, c, atol=1e-6)
 

@@ -94,7 +94,7 @@ def test_fast_path_equals_plain_path(method):
     x, y = images(3, seed=2), torch.tensor([0, 2, 4])
     fast = perturb(make(method)).train()
     plain = perturb(make(method)).train().set_fast(False)
-    assert not plain.config.kernels and not plain.config.truncate_text and not plain.config.cache
+    assert not plain.runtime.kernels and not plain.runtime.truncate_text and not plain.runtime.cache
     for _ in range(2):  # the second call uses the caches filled by the first
         for m in (fast, plain):
             m.zero_grad()

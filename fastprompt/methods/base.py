@@ -5,10 +5,18 @@ A method subclasses `Method`, owns only its learnable tensors, and overrides som
   - `text_hooks()` / `image_hooks()`  deep prompts and adapters per layer (backbone.TowerHooks)
   - `loss(images, labels)`  when the objective is more than cross-entropy
 Logits are CLIP's: `logit_scale.exp() * normalize(image) @ normalize(text).T`.
+
+Everything else about a method lives in its own file (how to add one: README, "How the code is
+laid out"): its `Config` dataclass (what defines the model, saved in config.json), its card in the
+file's `CARDS` dict (the one-line description and the training recipes, plain literals that
+`fastprompt.catalog` also reads without importing torch), and its `original_layout` (the map to the
+authors' checkpoints, `fastprompt.original.keys.Layout`). How fast it runs is not part of the
+config: `model.runtime` (`backbone.RunOptions`: kernels, text shortcut, caches, text chunks).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,33 +28,61 @@ from ..backbone import NO_HOOKS, Backbone, RunOptions, TowerHooks
 from ..clip import Clip
 from ..prompts import PromptTemplate
 
+#: name -> class, in registration order (the order of methods/__init__.MODULES: tables, --help)
 METHODS: dict[str, type["Method"]] = {}
+_REFERENCE: list[str] = []
 
 
-def register(name: str):
+def register(name: str, *, reference: bool = False):
+    """Class decorator: register a method under `name`. Its file must hold `CARDS[name]` (see
+    `card`); `reference=True` marks the zero-shot baseline other runs are compared with."""
     def wrap(cls):
+        cards = getattr(sys.modules.get(cls.__module__), "CARDS", {})
+        if name not in cards:
+            raise TypeError(f"method '{name}' has no entry in CARDS of {cls.__module__}: add its "
+                            f"description and recipes there")
+        if name in METHODS:
+            raise TypeError(f"method '{name}' is registered twice")
         cls.name = name
         METHODS[name] = cls
+        if reference:
+            _REFERENCE.append(name)
         return cls
     return wrap
 
 
+def list_methods() -> list[str]:
+    """The registered names, sorted (`METHODS` keeps the registration order)."""
+    return sorted(METHODS)
+
+
+def reference_method() -> str:
+    """The name of the zero-shot baseline (the method registered with `reference=True`)."""
+    if len(_REFERENCE) != 1:
+        raise RuntimeError(f"expected one reference method, found {_REFERENCE}")
+    return _REFERENCE[0]
+
+
+def card(name: str) -> dict:
+    """A method's card: the entry `name` of the `CARDS` dict in its class's file, a literal
+    {"about": one line, "recipes": {protocol: Recipe fields}, "datasets": {dataset: departures}}
+    (fastprompt.recipes builds the Recipe objects; fastprompt.catalog reads the same literal)."""
+    return sys.modules[METHODS[name].__module__].CARDS[name]
+
+
 @dataclass
 class MethodConfig:
-    """Switches shared by every method; all on is the fast path, all off the original-style one."""
+    """What defines a model beyond its tensors (saved in config.json; how fast it runs is not:
+    that is `Method.runtime`)."""
 
-    kernels: bool = True        # fused Triton kernels (CUDA) for insertion+norm and adapters
-    truncate_text: bool = True  # exact causal text shortcut: run max(eot)+1 tokens, not 77
-    cache: bool = True          # exact caches of frozen activations / fixed text features
     prompt: str = "a photo of a"  # hand-written prompt prefix ("{prompt} {class}.")
-    text_chunk: int = 0         # > 0: checkpointed text tower, this many sequences at a time
-                                # (classes; image x class pairs for CoCoOp)
 
     @classmethod
-    def from_options(cls, method: str, options: dict) -> "MethodConfig":
+    def from_options(cls, method: str, options: dict, also: tuple = ()) -> "MethodConfig":
         """The config of `method` from keyword options, each coerced by its field's type
         (`fastprompt.options`: "False" -> False for a bool, "3" -> 3 for an int); an unknown name
-        or a value that does not fit is an InputError naming the option."""
+        or a value that does not fit is an InputError naming the option (`also`: other valid
+        names to list, the runtime switches)."""
         from ..errors import InputError
         from ..options import coerce_all
 
@@ -54,16 +90,15 @@ class MethodConfig:
         unknown = sorted(set(options) - names)
         if unknown:
             raise InputError(f"unknown option '{unknown[0]}' for method '{method}'; valid options: "
-                             f"{', '.join(sorted(names))}")
+                             f"{', '.join(sorted(names | set(also)))}")
         return cls(**coerce_all(cls, f"method '{method}'", options))
-
-    def plain(self) -> "MethodConfig":
-        return dataclasses.replace(self, kernels=False, truncate_text=False, cache=False)
 
 
 class Method(nn.Module):
     name: ClassVar[str] = "?"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: the map to the authors' checkpoints (fastprompt.original.keys.Layout); None: no original
+    original_layout: ClassVar = None
     #: False for methods whose text features depend on the image (CoCoOp)
     caches_text: ClassVar[bool] = True
 
@@ -72,6 +107,8 @@ class Method(nn.Module):
         self.clip = clip
         self.backbone = Backbone(clip)
         self.config = config
+        #: how it runs (not saved): fused kernels, the exact text shortcut, caches, text chunks
+        self.runtime = RunOptions()
         self.classnames = [str(c) for c in classnames]
         if len(set(self.classnames)) != len(self.classnames):
             raise ValueError("duplicate class names: each class needs a distinct name")
@@ -81,13 +118,13 @@ class Method(nn.Module):
     # ----------------------------------------------------------------- options and helpers
     @property
     def opts(self) -> RunOptions:
-        return RunOptions(kernels=self.config.kernels, truncate_text=self.config.truncate_text,
-                          text_chunk=self.config.text_chunk)
+        """The runtime switches (`self.runtime`) as the backbone takes them."""
+        return self.runtime
 
     def set_fast(self, fast: bool) -> "Method":
-        """Turn every optimisation on (fast) or off (the original-style baseline)."""
-        on = dataclasses.replace(self.config, kernels=True, truncate_text=True, cache=True)
-        self.config = on if fast else on.plain()
+        """Turn every optimisation on (fast) or off (the original-style baseline); `text_chunk`
+        is kept. Only `self.runtime` changes: a saved model reloads fast either way."""
+        self.runtime = dataclasses.replace(self.runtime, kernels=fast, truncate_text=fast, cache=fast)
         self._cache.clear()
         return self
 
@@ -97,7 +134,7 @@ class Method(nn.Module):
     def cached(self, key, fn):
         """fn() once per key (plus device and autocast dtype) when caching is on; exact for
         values that depend only on frozen weights and fixed inputs."""
-        if not self.config.cache:
+        if not self.runtime.cache:
             return fn()
         dev = self.backbone.model.logit_scale.device
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
@@ -127,9 +164,10 @@ class Method(nn.Module):
         return NO_HOOKS
 
     # ----------------------------------------------------------------- features and logits
-    def encode_text(self, template: PromptTemplate) -> torch.Tensor:
-        """Un-normalised text features [C, E] of a template under this method's prompts."""
-        emb = self.text_embeddings(template)
+    def encode_text(self, template: PromptTemplate, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Un-normalised text features [C, E] of a template under this method's prompts and
+        hooks; `embeddings` replaces `text_embeddings(template)` (e.g. LAMM's initial labels)."""
+        emb = self.text_embeddings(template) if embeddings is None else embeddings
         return self.backbone.encode_text(emb, template.eot, self.text_hooks(), self.opts,
                                          used=template.used_tokens)
 
@@ -178,6 +216,7 @@ class Method(nn.Module):
         return {k: p for k, p in self.named_parameters() if p.requires_grad}
 
     def options(self) -> dict:
+        """What defines the model besides its tensors (config.json's "options"); no runtime switch."""
         return dataclasses.asdict(self.config)
 
     def extra_repr(self) -> str:

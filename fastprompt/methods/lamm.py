@@ -19,6 +19,11 @@ Two facts of the released code (gaojingsheng/LAMM) are options of their own:
   while the class tokens stay fixed); the label still starts from, and is regularised toward, the
   class name's first token, while t0 is the plain prompt ("of").
 `released_code=True` is shorthand for both released settings.
+
+Original checkpoints (gaojingsheng/LAMM): the CoOp or MaPLe learner of its trainers plus
+`label_emb` <- `prompt_learner.token_classes` ([C, m, D]; its frozen twin `fix_token` and
+`token_suffix_test` are skipped). LAMM's train.py sets `shots`, `origin_clip` (a frozen context:
+lamm), ... from its command line; `--shots` defaults to 1 and the released scripts never pass it.
 """
 from __future__ import annotations
 
@@ -29,9 +34,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import insert_rows
+from ..original.keys import Layout, err, first_key, flag
 from .base import register
-from .coop import ContextPrompt, CoOpConfig
-from .maple import MaPLe, MaPLeConfig
+from .coop import LEARNER_BUFFERS, ContextPrompt, CoOpConfig, context_names, coop_options
+from .maple import WHOLE_MODEL_CLIP, MaPLe, MaPLeConfig, maple_names, maple_options
+
+#: descriptions and recipes (methods.base.card; read by fastprompt.catalog without torch);
+#: LAMM released no cross-dataset recipe
+CARDS = {
+    "lamm": {
+        "about": "learned label embeddings in place of the class names, context frozen (LAMM)",
+        "recipes": {"base2novel": {"batch_size": 32, "lr": 0.002, "epochs": 50,
+                                   "source": "LAMM configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"}},
+    },
+    "coop+lamm": {
+        "about": "CoOp's context and LAMM's label embeddings, trained together",
+        "recipes": {"base2novel": {"batch_size": 32, "lr": 0.002, "epochs": 50,
+                                   "source": "LAMM configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"}},
+    },
+    "maple+lamm": {
+        "about": "MaPLe's prompts and LAMM's label embeddings, trained together",
+        "recipes": {"base2novel": {
+            "batch_size": 4, "lr": 0.0035, "epochs": 5,
+            "source": "LAMM configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"}},
+    },
+}
 
 
 LABEL_LAYOUTS = ("name", "of")
@@ -128,9 +155,7 @@ class LabelAlignment:
         is frozen, so cached then)."""
         def compute():
             emb = self.text_embeddings(self.template, initial=True)
-            return F.normalize(self.backbone.encode_text(
-                emb, self.template.eot, self.text_hooks(), self.opts,
-                used=self.template.used_tokens), dim=-1)
+            return F.normalize(self.encode_text(self.template, emb), dim=-1)
         if self.train_context or self.text_hooks().prompts:
             return compute()
         return self.cached(("t0", self.template.key), compute)
@@ -151,12 +176,68 @@ class LabelAlignment:
         return loss + cfg.logit_weight * T * T * soft, logits
 
 
+# ---------------------------------------------------------------------- original checkpoints
+_LAMM_BUFFERS = LEARNER_BUFFERS + ("prompt_learner.token_suffix_test", "prompt_learner.fix_token")
+#: LAMM's train.py sets these top-level cfg attributes from its command-line flags
+_LAMM_FLAGS = frozenset({"shots", "triplet_loss", "origin_clip", "random_init", "eval_only"})
+_COOP_KNOWN = frozenset({"N_CTX", "CSC", "CTX_INIT", "CLASS_TOKEN_POSITION"})
+
+
+def _label_names(names):
+    return lambda model: {**names(model), "prompt_learner.token_classes": "label_emb"}
+
+
+def lamm_options(cfg: dict, notes: list[str], frozen_context: bool) -> dict:
+    """What LAMM's flags tell: `shots` (the parameter term's 1/shots, LAMM's --shots: 1 unless
+    passed) and whether the context was frozen (`origin_clip`), checked against the method."""
+    shots = int(cfg.get("shots") or 1)
+    if "origin_clip" in cfg and flag(cfg["origin_clip"]) != frozen_context:
+        raise err(f"config origin_clip={cfg['origin_clip']} means a " + (
+            "frozen context: import it as lamm" if flag(cfg["origin_clip"]) else
+            "trained context: import it as coop+lamm"))
+    if "triplet_loss" in cfg and not flag(cfg["triplet_loss"]):
+        notes.append("config triplet_loss=False: the original trained with cross-entropy only; "
+                     "fastprompt's LAMM loss adds the three alignment terms (eval is unaffected)")
+    if flag(cfg.get("random_init")):
+        notes.append("config random_init=True: the original anchored the label embeddings to random "
+                     "values; fastprompt anchors them to the class-name embeddings (eval is unaffected)")
+    return {"shots": shots}
+
+
+def _coop_lamm_options(frozen_context: bool):
+    def read(layout, sd, cfg, n_classes, notes):  # LAMM's shipped config: CTX_INIT "a photo of a"
+        opts = coop_options(layout, sd, cfg, n_classes, default_init="a photo of a")
+        return {**opts, **lamm_options(cfg, notes, frozen_context)}
+    return read
+
+
+def _maple_lamm_options(layout, sd, cfg, n_classes, notes):
+    opts = maple_options(layout, sd, cfg, n_classes, notes, always_init=True)  # LAMM: always CTX_INIT
+    # the released MaPLe trainer's label position
+    return {**opts, **lamm_options(cfg, notes, False), "label_layout": "of"}
+
+
+def _coop_lamm_layout(family: str, frozen_context: bool, **detection) -> Layout:
+    return Layout(family, ("CoOp",), "prompt_learner", "prompt_learner", "COOP",
+                  _label_names(context_names), _coop_lamm_options(frozen_context), known=_COOP_KNOWN,
+                  flags=_LAMM_FLAGS, kind="lamm", ignored=_LAMM_BUFFERS,
+                  frozen=frozenset({"ctx"} if frozen_context else ()), **detection)
+
+
+def _maple_lamm_detect(keys):
+    label = first_key(keys, r"(^|\.)token_classes$")
+    return label if label and first_key(keys, r"^prompt_learner\.") else None
+
+
 @register("lamm")
 class Lamm(LabelAlignment, ContextPrompt):
     """Label embeddings only: the CoOp context stays at "a photo of a"."""
 
     Config = LammConfig
     train_context = False
+    original_layout = _coop_lamm_layout(
+        "LAMM (CoOp trainer, --origin-clip)", True, precedence=60,
+        detect=lambda keys: first_key(keys, r"(^|\.)token_classes$"))
 
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)
@@ -166,11 +247,17 @@ class Lamm(LabelAlignment, ContextPrompt):
 @register("coop+lamm")
 class CoOpLamm(Lamm):
     train_context = True
+    original_layout = _coop_lamm_layout("CoOp+LAMM", False)  # detected as lamm's
 
 
 @register("maple+lamm")
 class MaPLeLamm(LabelAlignment, MaPLe):
     Config = MaPLeLammConfig
+    original_layout = Layout(
+        "MaPLe+LAMM", ("MaPLe",), "MultiModalPromptLearner", "", "MAPLE", _label_names(maple_names),
+        _maple_lamm_options, known=MaPLe.original_layout.known, flags=_LAMM_FLAGS, kind="maple+lamm",
+        detect=_maple_lamm_detect, precedence=40, ignored=_LAMM_BUFFERS,
+        ignored_prefixes=WHOLE_MODEL_CLIP)
 
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)

@@ -7,7 +7,15 @@ both towers), up = Linear(r -> D). Every Linear: kaiming_normal_(fan_out, relu),
 With `grad_scale` the adapter weights get the gradient of the unscaled branch while the trunk
 gets the ordinary one (the original gradient-scale layer); see kernels.adapter_residual.
 The prompt is fixed, so the text activations entering the first adapter layer are constant per
-class: with `cache` on they are computed once (exact).
+class: with `runtime.cache` on they are computed once (exact; `Backbone.text_hidden`).
+
+Original checkpoints (ZjjConan/Multi-Modal-Adapter trainers/mma.py): the trainer registers the
+adapter learner alone. Its adapters are `nn.ModuleList`s of length n_layers+1 with `None` at unused
+positions; block `layer_index = index + 1` reads position k, so k is the 1-indexed layer, as
+fastprompt's keys. `text_adapter.{k}.down.weight` <- `adapter_learner.text_adapter.{k}.down.0.weight`
+(down is Sequential(Linear, ReLU)), `up` <- `.up`, the same for `visual_adapter`, and
+`shared_adapter.{k}.weight` <- `adapter_learner.shared_adapter.{k}.0.weight`. ADAPTER_SCALE is not
+stored: it comes from the config (default 0.001, the released configs' value).
 """
 from __future__ import annotations
 
@@ -16,7 +24,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..backbone import Adapter, TowerHooks
+from ..original.keys import Layout, contiguous, err, first_key, given, layers
 from .base import Method, MethodConfig, register
+
+#: description and recipes (methods.base.card; read by fastprompt.catalog without torch)
+CARDS = {
+    "mma": {
+        "about": "adapters in the upper layers of both towers with a shared middle layer (MMA)",
+        "recipes": {"base2novel": {
+            "batch_size": 16, "lr": 0.0015, "epochs": 5, "warmup_epochs": 0,
+            "source": "Multi-Modal-Adapter configs/trainers/MultiModalAdapter/vit_b16_ep5.yaml"}},
+        "datasets": {"imagenet": {
+            "batch_size": 128,
+            "source": "Multi-Modal-Adapter configs/trainers/MultiModalAdapter/vit_b16_ep5_imnet.yaml"}},
+    },
+}
 
 
 @dataclass
@@ -45,9 +67,50 @@ class Branch(nn.Module):
         self.up = _linear(rank, width)
 
 
+def _names(model) -> dict[str, str]:
+    out = {}
+    for k, t, p in ((k, t, p) for k in model.text_adapter for t in ("text", "visual")
+                    for p in ("weight", "bias")):
+        out[f"adapter_learner.{t}_adapter.{k}.down.0.{p}"] = f"{t}_adapter.{k}.down.{p}"
+        out[f"adapter_learner.{t}_adapter.{k}.up.{p}"] = f"{t}_adapter.{k}.up.{p}"
+        out[f"adapter_learner.shared_adapter.{k}.0.{p}"] = f"shared_adapter.{k}.{p}"
+    return out
+
+
+def _options(layout, sd, cfg, n_classes, notes) -> dict:
+    pattern = r"adapter_learner\.{}_adapter\.(\d+)\.{}weight"
+    ks = layers(sd, pattern.format("text", r"down\.0\."))
+    if not ks:
+        raise err("checkpoint has no key 'text_adapter.K.down.0.weight': not an MMA adapter learner")
+    for tower, inner in (("visual", r"down\.0\."), ("shared", r"0\.")):
+        if layers(sd, pattern.format(tower, inner)) != ks:
+            raise err(f"checkpoint has {tower}_adapter layers {layers(sd, pattern.format(tower, inner))} "
+                      f"but text_adapter layers {ks}")
+    contiguous("text_adapter.{}.down.0.weight", ks, ks[0])
+    if ks[0] < 1:
+        raise err("checkpoint key 'text_adapter.0.down.0.weight': an adapter on the token "
+                  "embeddings / before ln_pre (ADAPTER_START 0) is not supported")
+    width = sd[f"adapter_learner.text_adapter.{ks[0]}.down.0.weight"].shape[0]
+    given(cfg, "ADAPTER_START", ks[0], "text_adapter.*")
+    given(cfg, "ADAPTER_END", ks[-1], "text_adapter.*")
+    given(cfg, "ADAPTER_DIM", width, f"text_adapter.{ks[0]}.down.0.weight")
+    if "ADAPTER_SCALE" not in cfg:
+        notes.append("ADAPTER_SCALE not given (it is not stored in the checkpoint): assuming 0.001, "
+                     "the released configs' value; pass config={'ADAPTER_SCALE': ...} otherwise")
+    scale = float(cfg.get("ADAPTER_SCALE", 0.001))  # one scale for both towers in the original
+    return {"start": ks[0], "end": ks[-1], "width": width, "text_scale": scale, "vision_scale": scale,
+            "grad_scale": True, "prompt": str(cfg.get("TEXT_CTX_INIT", "a photo of a") or "").strip()}
+
+
 @register("mma")
 class MMA(Method):
     Config = MMAConfig
+    original_layout = Layout(
+        "MMA", ("MultiModalAdapter",), "adapter_learner", "adapter_learner", "MMADAPTER", _names,
+        _options, known=frozenset({"TEXT_CTX_INIT", "ADAPTER_START", "ADAPTER_END", "ADAPTER_DIM",
+                                   "ADAPTER_SCALE"}),
+        kind="mma", detect=lambda keys: first_key(keys, r"(^|\.)(text|visual|shared)_adapter\.\d+\."),
+        precedence=10, ignored=("adapter_learner.token_embedding", "adapter_learner.tokenized_prompts"))
 
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)
@@ -71,15 +134,12 @@ class MMA(Method):
     def image_hooks(self) -> TowerHooks:
         return self._hooks(self.visual_adapter, self.config.vision_scale)
 
-    def encode_text(self, template):
+    def encode_text(self, template, embeddings=None):
+        """The frozen layers below the first adapter over the fixed prompt (cached), then the
+        layers with adapters; `embeddings` (another prompt) runs the whole tower."""
         bb, first = self.backbone, self.config.start - 1
-
-        def below_adapters():  # frozen layers 0..first-1 over the fixed prompt
-            x = bb.text_input(template.embeddings, template.eot, self.opts, template.used_tokens)
-            return bb.text_blocks(x, TowerHooks(), self.opts, stop=first)
-
-        def adapted(x, eot, hooks):  # layers first.. with the adapters
-            return bb.text_head(bb.text_blocks(x, hooks, self.opts, start=first), eot)
-
-        x = self.cached(("text-prefix", template.key), below_adapters)
-        return bb.text_in_chunks(adapted, (x, template.eot), self.text_hooks(), self.opts)
+        if embeddings is not None:
+            return super().encode_text(template, embeddings)
+        x = self.cached(("text-prefix", template.key), lambda: bb.text_hidden(
+            template.embeddings, template.eot, self.opts, first, used=template.used_tokens))
+        return bb.encode_text_from(x, template.eot, first, self.text_hooks(), self.opts)

@@ -10,6 +10,7 @@ The text features depend only on frozen weights: with caching on they are comput
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -18,22 +19,31 @@ import torch.nn.functional as F
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, check_template
 from .base import Method, MethodConfig, register
 
+#: description and recipe (fastprompt.base.card; read by fastprompt.catalog without torch)
+CARDS = {
+    "zeroshot": {
+        "about": "CLIP as released, prompted with CoOp's template of the dataset",
+        "recipes": {"base2novel": {"epochs": 0, "warmup_epochs": 0,
+                                   "source": "CoOp trainers/zsclip.py (no training)"}},
+    },
+}
+
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
     templates: list = field(default_factory=lambda: [DEFAULT_TEMPLATE])
 
 
-@register("zeroshot")
+@register("zeroshot", reference=True)
 class ZeroShot(Method):
     Config = ZeroShotConfig
 
     def __init__(self, clip, classnames, config):
-        if isinstance(config.templates, str):
-            config.templates = [config.templates]
-        if not config.templates:
+        templates = [config.templates] if isinstance(config.templates, str) else config.templates
+        if not templates:
             raise ValueError("zeroshot needs at least one prompt template, e.g. 'a photo of a {}.'")
-        config.templates = [check_template(t) for t in config.templates]
+        # a copy: the caller's config is left as it was
+        config = dataclasses.replace(config, templates=[check_template(t) for t in templates])
         super().__init__(clip, classnames, config)
 
     def make_template(self, classnames: list[str]) -> PromptTemplate:

@@ -10,7 +10,8 @@ from them; `config` (original names, e.g. {"ADAPTER_SCALE": 0.1}, or the origina
 the rest and is cross-checked. Any mismatch is an `OriginalCheckpointError` naming the key.
 Config names fastprompt does not know are ignored with a warning listing them (original configs
 carry many that do not concern the tensors); values it cannot honour are refused.
-Key correspondences and config names: `keys.py`.
+What is generic lives here and in `keys.py`; each method's key correspondences, config names,
+detection and option reader are its `original_layout`, in its own file (fastprompt/methods/).
 """
 from __future__ import annotations
 
@@ -21,36 +22,37 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
 from ..errors import short_repr
 from ..files import atomic_write
+from .keys import (OriginalCheckpointError, detect, file_key, full_key, ignorable, options_for,
+                   original_names, read_config)
 
 __all__ = ["OriginalCheckpointError", "load_original", "original_state_dict", "save_original",
            "find_checkpoint"]
-
-
-class OriginalCheckpointError(CheckpointError):
-    """An original checkpoint that cannot be imported (one line naming the key and what was expected)."""
 
 
 class OriginalCheckpointWarning(UserWarning):
     """Something of an original checkpoint that fastprompt cannot honour exactly (eval is exact)."""
 
 
-def _layout(method: str):
-    from .keys import LAYOUTS
+def layouts() -> dict:
+    """{method: its Layout} of every registered method that has an original format."""
+    from ..methods import METHODS
 
-    if method not in LAYOUTS:
+    return {name: cls.original_layout for name, cls in METHODS.items() if cls.original_layout}
+
+
+def _layout(method: str):
+    known = layouts()
+    if method not in known:
         raise OriginalCheckpointError(f"no original checkpoint format for method '{method}'; "
-                                      f"choose one of: {', '.join(sorted(LAYOUTS))}")
-    return LAYOUTS[method]
+                                      f"choose one of: {', '.join(sorted(known))}")
+    return known[method]
 
 
 def find_checkpoint(method: str, path) -> Path:
     """A checkpoint file, or the newest one under an original output directory:
     `<dir>/<registered>/model.pth.tar-<N>` (highest N), else `model-best.pth.tar`."""
-    from .keys import LAYOUTS
-
     p, layout = Path(path), _layout(method)
     if p.is_file():
         return p
@@ -64,7 +66,7 @@ def find_checkpoint(method: str, path) -> Path:
         if (d / "model-best.pth.tar").is_file():
             return d / "model-best.pth.tar"
     others: dict = {}
-    for lay in LAYOUTS.values():
+    for lay in layouts().values():
         if lay.registered != layout.registered and (p / lay.registered).is_dir():
             others.setdefault(lay.registered, []).append(lay.family)
     hint = "; it holds " + ", ".join(f"{r}/ ({' or '.join(f)})" for r, f in sorted(others.items())) \
@@ -75,7 +77,6 @@ def find_checkpoint(method: str, path) -> Path:
 
 def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
     """(state dict with full original names, floating tensors upcast to fp32; the whole file)."""
-    from .keys import full_key, ignorable
     from .unpickle import UnpickleError, safe_load
 
     try:
@@ -108,20 +109,19 @@ def load_original(method: str, path, clip, classnames, config=None):
     config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
     """
     from ..api import create
-    from .keys import COMPATIBLE, detect, file_key, options_for, read_config
 
     layout = _layout(method)
     classnames = [str(c) for c in classnames]
     file = find_checkpoint(method, path)
     sd, _ = read_state_dict(method, file)
-    seen = detect([file_key(layout, k) for k in sd] if layout.owner else sd)
-    if seen is None or method not in COMPATIBLE.get(seen[0], ()):
+    seen = detect(layouts().values(), [file_key(layout, k) for k in sd] if layout.owner else sd)
+    if seen is None or seen[0] != layout.kind:
         what = f"looks like a {seen[0]} checkpoint (key '{seen[1]}')" if seen else "has no known key"
         raise OriginalCheckpointError(f"{file} {what}, not {layout.family}")
-    cfg, unknown = read_config(method, config, clip.name)
+    cfg, unknown = read_config(layout, config, clip.name)
     if unknown:
         _warn(f"original config names ignored: {', '.join(unknown)}")
-    options, notes = options_for(method, sd, cfg, len(classnames))
+    options, notes = options_for(layout, sd, cfg, len(classnames))
     for note in notes:
         _warn(note)
     try:
@@ -134,15 +134,12 @@ def load_original(method: str, path, clip, classnames, config=None):
 
 
 def _fill(model, sd: dict, layout) -> None:
-    from .keys import file_key, ignorable, original_names
-
     names = original_names(model)
     params = dict(model.named_parameters())
     unknown = sorted(k for k in sd if k not in names and not ignorable(layout, k))
     if unknown:
         raise OriginalCheckpointError(f"checkpoint key '{file_key(layout, unknown[0])}' is unknown to "
                                       f"{layout.family} as imported ({_describe(model)})")
-    frozen = {"ctx"} if model.name == "lamm" else set()
     with torch.no_grad():
         for full, name in names.items():
             key = file_key(layout, full)
@@ -154,7 +151,7 @@ def _fill(model, sd: dict, layout) -> None:
             if tuple(sd[full].shape) != tuple(params[name].shape):
                 raise OriginalCheckpointError(f"checkpoint key '{key}' has shape {tuple(sd[full].shape)}, "
                                               f"expected {tuple(params[name].shape)}{hint}")
-            if name in frozen:  # LAMM keeps "a photo of a" frozen: the file must hold exactly it
+            if name in layout.frozen:  # LAMM keeps "a photo of a" frozen: the file must hold it
                 if not torch.allclose(sd[full].to(params[name]), params[name], atol=2e-3, rtol=1e-2):
                     raise OriginalCheckpointError(
                         f"checkpoint key '{key}' differs from the embeddings of '{model.config.ctx_init}': "
@@ -203,8 +200,6 @@ def _warn(msg: str) -> None:
 
 def original_state_dict(model) -> dict:
     """{full original name: the model's own parameter} (live tensors: writing one changes the model)."""
-    from .keys import original_names
-
     _layout(model.name)
     params = dict(model.named_parameters())
     return OrderedDict((full, params[name]) for full, name in original_names(model).items())
@@ -214,8 +209,6 @@ def save_original(model, output_dir, epoch: int = 1) -> Path:
     """Write `model` as the original trainer would: `<output_dir>/<registered>/model.pth.tar-<epoch>`
     holding {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} with the original keys
     (the original `load_model` reads it with strict=False, as it does its own files)."""
-    from .keys import file_key
-
     layout = _layout(model.name)
     state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
                         for k, v in original_state_dict(model).items())
