@@ -9,7 +9,6 @@ weights are written as fp16 safetensors (the full open_clip state dict, loadable
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..schedule import warmup_cosine
 from . import corpus
 
 
@@ -51,10 +51,8 @@ def build_backbone(seed: int):
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    """Linear warm-up over `cfg.warmup` steps, then a cosine over the rest (`fastprompt.schedule`)."""
+    return warmup_cosine(cfg.lr, step, cfg.steps - cfg.warmup, cfg.warmup, warmup="linear")
 
 
 def encode(backbone, images: torch.Tensor, tokens: torch.Tensor):
