@@ -176,31 +176,55 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
     return ids
 
 
-def _allowed_default(path: Path, node: ast.Constant, parents: dict[int, ast.AST]) -> bool:
-    """train.py's CLI default (``default="maple"``) is the one allowed mention."""
+#: where the default job's method may be named: the CLI's ``default=`` and TrainConfig's field
+DEFAULT_METHOD_FILES = ("fastprompt/train.py", "fastprompt/config.py")
+
+
+def _allowed_default(rel: Path, node: ast.Constant, parents: dict[int, ast.AST]) -> bool:
+    """The one allowed mention: the default method, as ``default="maple"`` (argparse) or as the
+    default of a field named ``method`` (``method: str = "maple"``), in DEFAULT_METHOD_FILES."""
     parent = parents.get(id(node))
-    return (path.name == "train.py" and path.parent.name == "fastprompt"
-            and isinstance(parent, ast.keyword) and parent.arg == "default")
+    if rel.as_posix() not in DEFAULT_METHOD_FILES:
+        return False
+    return (isinstance(parent, ast.keyword) and parent.arg == "default") or (
+        isinstance(parent, ast.AnnAssign) and getattr(parent.target, "id", None) == "method")
+
+
+def mentions_in(rel: Path, source: str, names: set[str]) -> list[str]:
+    """'file:line: 'name'' for every string constant of `source` that is one of `names`
+    (comments never reach the AST; docstrings and the allowed default are left out)."""
+    tree = ast.parse(source)
+    docs = _docstring_nodes(tree)
+    parents = {id(c): p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+    hits = [node for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value in names and id(node) not in docs
+            and not _allowed_default(rel, node, parents)]
+    return [f"{rel.as_posix()}:{n.lineno}: {n.value!r}"
+            for n in sorted(hits, key=lambda n: (n.lineno, n.col_offset))]
 
 
 def method_mentions() -> list[str]:
-    """'file:line: "name"' for every string constant outside methods/ that is a method's name
-    (comments never reach the AST; docstrings are left out)."""
+    """Every mention of a registered method's name in a library file outside methods/."""
     names = registered_method_names()
     found = []
     for path in library_files().values():
         rel = path.relative_to(ROOT)
-        if rel.parts[:2] == ("fastprompt", "methods"):
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        docs = _docstring_nodes(tree)
-        parents = {id(c): p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                    and node.value in names and id(node) not in docs
-                    and not _allowed_default(path, node, parents)):
-                found.append(f"{rel}:{node.lineno}: {node.value!r}")
+        if rel.parts[:2] != ("fastprompt", "methods"):
+            found += mentions_in(rel, path.read_text(encoding="utf-8"), names)
     return sorted(found)
+
+
+def test_mentions_checker_finds_names_and_skips_docstrings_and_the_default():
+    src = ('"""coop in a docstring"""\n# "coop" in a comment\n'
+           'p.add_argument("--method", default="maple")\n'
+           'class TrainConfig:\n    method: str = "maple"\n'
+           'if method == "coop":\n    pass\n')
+    names = {"coop", "maple"}
+    assert mentions_in(Path("fastprompt/table.py"), src, names) == [
+        "fastprompt/table.py:3: 'maple'", "fastprompt/table.py:5: 'maple'",
+        "fastprompt/table.py:6: 'coop'"]
+    assert mentions_in(Path("fastprompt/train.py"), src, names) == ["fastprompt/train.py:6: 'coop'"]
 
 
 def test_registered_method_names_are_read():
