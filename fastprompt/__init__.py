@@ -4,6 +4,9 @@
     model = fastprompt.create("maple", clip, classnames)
     clf   = model.classifier()
 
+    metrics = fastprompt.fit(fastprompt.TrainConfig(dataset="oxford_pets", data_root="/data"))
+    metrics = fastprompt.evaluate("runs/oxford_pets/maple/seed1")
+
 The names below are imported on first use (PEP 562), so `python -m fastprompt.train --help` and
 the other commands' help answer without importing torch or open_clip.
 """
@@ -13,7 +16,7 @@ import importlib
 
 #: public name -> the submodule that defines it
 _LAZY = {"create": "api", "list_methods": "api", "load": "checkpoint", "save": "checkpoint",
-         "load_clip": "clip"}
+         "load_clip": "clip", "TrainConfig": "config", "fit": "jobs", "evaluate": "jobs"}
 
 
 def __getattr__(name: str):
@@ -47,6 +50,6 @@ def original_state_dict(model):
     return original_state_dict_impl(model)
 
 
-__all__ = ["create", "list_methods", "load", "load_clip", "load_original", "original_state_dict",
-           "save"]
+__all__ = ["TrainConfig", "create", "evaluate", "fit", "list_methods", "load", "load_clip",
+           "load_original", "original_state_dict", "save"]
 __version__ = "0.1.0"

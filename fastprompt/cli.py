@@ -1,4 +1,5 @@
-"""The error handler every command shares (train, predict, export, convert, table, pretrain).
+"""What every command shares (train, predict, export, convert, table, pretrain): the argument
+parser (`Parser`: defaults shown, one-line errors) and the error handler (`run_cli`).
 
 `run_cli(body)` returns `body()`'s exit status and turns the expected failures into one line on
 stderr, never a traceback:
@@ -17,6 +18,7 @@ raises the project's own errors for bad input.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -60,6 +62,20 @@ def _silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's help layout (defaults shown, listed lines kept:
+    `fastprompt.catalog.HelpFormatter`) and a bad flag as one line, exit status 2, no usage block."""
+
+    def __init__(self, prog: str, description: str | None = None, **kwargs):
+        from .catalog import HelpFormatter  # torch-free: --help answers at once
+
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(prog=prog, description=description, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def error(message: str) -> None:

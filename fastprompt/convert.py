@@ -22,20 +22,14 @@ from pathlib import Path
 from .errors import InputError, first_line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    from .catalog import HelpFormatter
+    from .catalog import method_names
+    from .cli import Parser
 
-    p = _Parser(prog="python -m fastprompt.convert", description=__doc__,
-                formatter_class=HelpFormatter)
+    p = Parser("python -m fastprompt.convert", __doc__)
     p.add_argument("--original", nargs=2, required=True, metavar=("METHOD", "CHECKPOINT"),
-                   help="fastprompt method name (coop, cocoop, maple, ivlp, mma, lamm, coop+lamm, "
-                        "maple+lamm) and the original checkpoint file or output directory")
+                   help=f"fastprompt method name ({', '.join(method_names(trained=True))}) and the "
+                        f"original checkpoint file or output directory")
     p.add_argument("--model", default="ViT-B-16", help="backbone the checkpoint was trained on")
     p.add_argument("--pretrained", default="openai",
                    help="its weights: open_clip tag or file ('none': random init from --backbone-seed)")

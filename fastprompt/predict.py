@@ -21,14 +21,10 @@ from fastprompt.errors import InputError  # noqa: F401 - also importable from he
 PROG = "python -m fastprompt.predict"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Classify images with a fastprompt run, ONNX file or "
-                                       "TensorRT engine.")
+    from fastprompt.cli import Parser
+
+    p = Parser(PROG, "Classify images with a fastprompt run, ONNX file or TensorRT engine.")
     p.add_argument("--model", required=True, help="run directory, .onnx file or .plan engine")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files and folders (searched recursively)")

@@ -1,5 +1,4 @@
-"""Scores: accuracy of a classifier on a list of images, the base-to-novel harmonic mean, and the
-device helpers evaluation and training share (autocast, loader settings)."""
+"""Scores: accuracy of a classifier on a list of images, and the base-to-novel harmonic mean."""
 from __future__ import annotations
 
 import warnings
@@ -10,18 +9,12 @@ from torch.utils.data import DataLoader
 
 from .data import DataError, ImageDataset, test_transform
 from .data.images import collate_readable
+from .runtime import autocast, loader_kwargs
 
 
 def harmonic_mean(base: float, novel: float) -> float:
     """HM = 2 b n / (b + n)."""
     return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
-
-
-def loader_kwargs(device: torch.device, workers: int) -> dict:
-    kw = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers > 0:
-        kw["persistent_workers"] = False
-    return kw
 
 
 @dataclass
@@ -73,12 +66,3 @@ def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
              precision: str = "fp32", on_error: str = "skip", progress=None) -> float:
     """Top-1 accuracy in percent over the readable images of `data` (see `score`)."""
     return score(classifier, data, device, batch_size, workers, precision, on_error, progress).acc
-
-
-def autocast(device: torch.device, precision: str, cache: bool = True):
-    """bf16/fp16 autocast on CUDA (or bf16 on CPU when asked); a no-op for fp32.
-    `cache=False` for CUDA-graph capture (autocast's weight-cast cache must be off there)."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -27,74 +28,87 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import TrainConfig
 from .errors import InputError, first_line
 from .files import write_json
 
-METHODS = ("zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm")
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 #: train-CLI settings that the table decides for each run (dest -> the table's own flag)
 RESERVED = {"method": "--methods", "dataset": "--datasets", "seed": "--seeds", "out": None,
             "resume": None, "eval_only": None, "run": None, "subsample": None, "overwrite": None}
 
 
-def train_args(method: str, dataset: str, seed: int = 1, pretrained: str | None = "shapes",
-               out=None, extra: list[str] | None = None) -> argparse.Namespace:
-    """The train CLI's arguments for one table run: CPU, no progress bar, then `extra` (train
-    flags such as --data-root or --device, which override those defaults). `pretrained` None is
-    random init."""
-    from .train import parse_args
+def table_methods() -> list[str]:
+    """Every registered method, in the registry's order (zero-shot first)."""
+    from .methods import METHODS
 
-    argv = ["--method", method, "--dataset", dataset, "--seed", str(seed), "--pretrained",
-            pretrained or "none", "--device", "cpu", "--no-progress"]
-    if out is not None:
-        argv += ["--out", str(out)]
-    return parse_args(argv + list(extra or []))
+    return list(METHODS)
+
+
+def cell_config(method: str, dataset: str, seed: int = 1, pretrained: str | None = "shapes",
+                out=None, base: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig of one table run: `base` (the train flags passed through; default: the
+    CPU, no progress lines) for `method` on `dataset`, base-to-novel. `pretrained` None is random
+    init."""
+    base = base or TrainConfig(device="cpu", progress=False)
+    return dataclasses.replace(base, method=method, dataset=dataset, seed=seed, subsample="base",
+                               pretrained=pretrained or "none", out=None if out is None else str(out),
+                               resume=False, overwrite=False)
 
 
 def run_one(method: str, dataset: str, seed: int, pretrained: str | None = "shapes", out=None,
-            extra: list[str] | None = None) -> dict:
-    """One base-to-novel run through the CLI's own code path; returns its metrics."""
-    if method == "zeroshot":
-        return zero_shot(dataset, pretrained, extra=extra)
-    from .runner import train_run
+            base: TrainConfig | None = None) -> dict:
+    """One base-to-novel run through the library's training job (`fastprompt.fit`); the
+    reference method (zero-shot) is evaluated without a run directory (`zero_shot`)."""
+    from .jobs import fit
+    from .methods import reference_method
 
+    if method == reference_method():
+        return zero_shot(dataset, pretrained, base=base)
     with tempfile.TemporaryDirectory() as tmp:
-        return train_run(train_args(method, dataset, seed, pretrained, out or Path(tmp) / "run", extra))
+        return fit(cell_config(method, dataset, seed, pretrained, out or Path(tmp) / "run", base))
 
 
 def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "test",
-              extra: list[str] | None = None) -> dict:
-    """Zero-shot CLIP ("a photo of a {}.") on the base and the novel classes of `dataset`, with
-    the train CLI's backbone, data and evaluation settings (`extra`: train flags); no run dir."""
+              base: TrainConfig | None = None) -> dict:
+    """Zero-shot CLIP (CoOp's prompt of the dataset) on the base and the novel classes of
+    `dataset`, with the backbone, data and evaluation settings of `base`; no run directory."""
     from .api import create
     from .clip import load_clip
     from .data import load_dataset, split_base_novel
+    from .jobs import evaluate_base_novel
+    from .methods import reference_method
     from .recipes import zero_shot_templates
-    from .runner import evaluate_base_novel, run_env
+    from .runtime import runtime_env
 
-    args = train_args("zeroshot", dataset, pretrained=pretrained,
-                      extra=["--eval-split", split, *(extra or [])])
-    env = run_env(args)
-    clip = load_clip(args.model, args.pretrained, seed=args.backbone_seed, device=env.device)
-    base, novel = split_base_novel(load_dataset(dataset, args.data_root))
-    model = create("zeroshot", clip, base.classnames, templates=zero_shot_templates(dataset))
-    return evaluate_base_novel(model, args, env, base, novel)
+    config = dataclasses.replace(cell_config(reference_method(), dataset, 1, pretrained, base=base),
+                                 eval_split=split)
+    env = runtime_env(config)
+    clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
+                     quick_gelu=config.quick_gelu)
+    base_split, novel = split_base_novel(load_dataset(dataset, config.data_root))
+    model = create(reference_method(), clip, base_split.classnames,
+                   templates=zero_shot_templates(dataset, config.template, config.ensemble))
+    return evaluate_base_novel(model, config, env, base_split, novel)
 
 
 def collect(methods, datasets, seeds, pretrained: str | None = "shapes", log=print,
-            extra: list[str] | None = None) -> dict:
-    """{(dataset, method): [per-seed metrics]}; `extra`: train CLI flags for every run. Zero-shot
-    does not depend on the seed: it is evaluated once per dataset and repeated for each seed."""
+            base: TrainConfig | None = None) -> dict:
+    """{(dataset, method): [per-seed metrics]}; `base`: the train settings of every run. The
+    reference method (zero-shot) does not depend on the seed: it is evaluated once per dataset and
+    repeated for each seed."""
+    from .methods import reference_method
+
     results = {}
     for dataset in datasets:
         for method in methods:
             rows = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                if method == "zeroshot" and rows:
+                if method == reference_method() and rows:
                     m = rows[0]
                 else:
-                    m = run_one(method, dataset, seed, pretrained, extra=extra)
+                    m = run_one(method, dataset, seed, pretrained, base=base)
                 rows.append({"seed": seed, **{k: m[k] for k in ("base_acc", "novel_acc", "hm")}})
                 if log:
                     log(f"{dataset} {method} seed {seed}: base {m['base_acc']:.1f} novel "
@@ -173,10 +187,11 @@ def read_results(path: Path) -> dict:
     return results
 
 
-def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> argparse.Namespace:
-    """Parse the train flags passed through (the train CLI's own parser, so its errors and
-    --config apply) and refuse those the table sets for each run."""
-    from .train import parse_args
+def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> TrainConfig:
+    """The TrainConfig of the train flags passed through (the train CLI's own parser, so its
+    errors and --config apply; the CPU and no progress lines unless given), refusing those the
+    table sets for each run."""
+    from .train import config_from_args, parse_args
 
     errors = io.StringIO()
     try:
@@ -189,7 +204,8 @@ def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> argp
         if getattr(given, dest) != default[dest]:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is set by the table for each run" + (f": use {own}" if own else ""))
-    return given
+    given.device, given.no_progress = given.device or "cpu", True
+    return config_from_args(given)
 
 
 def main(argv=None) -> int:
@@ -199,12 +215,12 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from .catalog import GENERATED_DATASETS, HelpFormatter  # no torch before --help is handled
+    from .catalog import GENERATED_DATASETS, method_names  # no torch before --help is handled
+    from .cli import Parser
 
-    p = argparse.ArgumentParser(prog="python -m fastprompt.table", description=__doc__,
-                                formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # a prefix must not swallow a train flag
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p = Parser("python -m fastprompt.table", __doc__,
+               allow_abbrev=False)  # a prefix must not swallow a train flag
+    p.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods")
     p.add_argument("--datasets", default=",".join(GENERATED_DATASETS),
                    help="comma-separated datasets (see python -m fastprompt.train --help)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; the table shows their mean")
@@ -224,7 +240,7 @@ def _main(argv) -> int:
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
         results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.pretrained,
-                          log=lambda m: print(m, flush=True), extra=extra)
+                          log=lambda m: print(m, flush=True), base=train)
     table = markdown(results, seeds, train.data_root)
     print(table)
     if a.json:

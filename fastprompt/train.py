@@ -7,25 +7,21 @@ init): offline, about 15 s of training on two CPU cores, printing base / novel /
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+from .config import MAX_SEED, TINY_DEFAULT_WEIGHTS, TrainConfig  # noqa: F401 (MAX_SEED: as before)
 from .errors import ConfigError, InputError, first_line
-from .recipes import Recipe
-#: weights of `--model tiny` when --pretrained is not given (fastprompt/weights/tiny-shapes.*)
-TINY_DEFAULT_WEIGHTS = "shapes"
 
 
 def parser() -> argparse.ArgumentParser:
     """The train CLI's flags; builds without torch, so that --help answers at once."""
-    from .catalog import HelpFormatter, datasets_help, methods_help
+    from .catalog import datasets_help, methods_help
+    from .cli import Parser
 
-    p = argparse.ArgumentParser(prog="python -m fastprompt.train", description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = Parser("python -m fastprompt.train", __doc__)
     p.add_argument("--method", default="maple", help=methods_help())
     p.add_argument("--model", default="tiny",
                    help="backbone: 'tiny' (built in, a toy for generated shapes) or an open_clip ViT "
@@ -97,48 +93,32 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (and --config FILE's values for flags not given) as a Namespace; the
+    numbers are checked when it becomes a TrainConfig (`config_from_args`)."""
     p = parser()
     args = p.parse_args(argv)
     args.recipe = {}
     if args.config:
         _apply_config(p, args, argv)
-    check_args(args)
     if args.pretrained is None and args.model == "tiny":
         args.pretrained = TINY_DEFAULT_WEIGHTS
-    if isinstance(args.pretrained, str) and args.pretrained.lower() in ("none", "random"):
-        args.pretrained = None
     return args
 
 
-#: the largest seed accepted (seeds also feed NumPy generators, which need 0 <= seed < 2**32)
-MAX_SEED = 2**32 - 1
-
-
-def check_args(args) -> None:
-    """Numbers that would train nonsense are refused (InputError, one line naming the flag)."""
-    def bad(flag, want, value):
-        raise InputError(f"{flag} must be {want}, got {value!r}")
-
-    for flag, value in (("--seed", args.seed), ("--backbone-seed", args.backbone_seed)):
-        if not 0 <= value <= MAX_SEED:
-            bad(flag, f"an integer from 0 to {MAX_SEED}", value)
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        bad("--lr", "a finite number > 0", args.lr)
-    for flag, value, low in (("--epochs", args.epochs, 0), ("--shots", args.shots, 1),
-                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
-        if value is not None and value < low:
-            bad(flag, f"an integer >= {low}", value)
-    if args.resume and args.overwrite:
-        raise InputError("--resume continues the run in --out and --overwrite replaces it: give one")
-    limits = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentum": (0.0, True),
-              "weight_decay": (0.0, True)}
-    for key, value in args.recipe.items():
-        low, real = limits.get(key, (None, False))
-        if low is not None and (value < low or (real and not math.isfinite(value))):
-            bad(f"'{key}' in {args.config}", f"{'a finite number' if real else 'an integer'} >= {low}",
-                value)
-    if "momentum" in args.recipe and args.recipe["momentum"] >= 1:
-        bad(f"'momentum' in {args.config}", "below 1", args.recipe["momentum"])
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed train flags (validated: bad numbers are one line naming the flag)."""
+    config = TrainConfig(
+        method=args.method, options=parse_options(args.opt), template=args.template,
+        ensemble=args.ensemble, model=args.model, pretrained=args.pretrained,
+        quick_gelu=args.quick_gelu, backbone_seed=args.backbone_seed, dataset=args.dataset,
+        data_root=args.data_root, shots=args.shots, seed=args.seed, subsample=args.subsample,
+        eval_datasets=tuple(n.strip() for n in (args.eval_datasets or "").split(",") if n.strip()),
+        eval_split=args.eval_split, on_error=args.on_error, recipe=args.recipe_name,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, recipe_overrides=dict(args.recipe),
+        device=args.device, precision=args.precision, workers=args.workers, plain=args.plain,
+        cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress,
+        zero_shot_ref=args.zero_shot_ref, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    return config.validate(recipe_source=args.config)
 
 
 def read_config_file(path: Path) -> dict:
@@ -207,6 +187,7 @@ def _apply_config(parser, args, argv) -> None:
     """Values of --config FILE fill every flag not given on the command line, each coerced by
     the flag's own type (recipe fields by the Recipe's, options by the method config's)."""
     from .options import coerce, field_types
+    from .recipes import Recipe
 
     path = Path(args.config)
     conf = dict(read_config_file(path))
@@ -267,16 +248,21 @@ def _say(line: str) -> None:
 
 
 def run(args) -> int:
-    """Train (or --eval-only) and print what the run does: an opening line, one line per epoch,
-    progress lines where stderr is no terminal (where it is, tqdm's bar), warnings on stderr,
-    and a closing block (`fastprompt.runlog`), then the metrics on one line for scripts
-    (`format_metrics`). Progress lines go to stdout with the epoch lines: the log of the run."""
+    """Train (`fastprompt.fit`) or --eval-only (`fastprompt.evaluate`) and print what the run
+    does: an opening line, one line per epoch, progress lines where stderr is no terminal (where it
+    is, tqdm's bar), warnings on stderr, and a closing block (`fastprompt.runlog`), then the metrics
+    on one line for scripts (`format_metrics`). Progress lines go to stdout with the epoch lines."""
+    from .jobs import evaluate, fit
     from .runlog import closing_block
-    from .runner import evaluate_run, train_run
 
     t0 = time.perf_counter()
-    hooks = {"log": _say, "warn": _warn, "progress": _say}
-    metrics = evaluate_run(args, **hooks) if args.eval_only else train_run(args, **hooks)
+    config = config_from_args(args)
+    if args.eval_only:
+        if not args.run:
+            raise InputError("--eval-only needs --run RUN_DIR")
+        metrics = evaluate(args.run, config, log=_say)
+    else:
+        metrics = fit(config, log=_say, warn=_warn, progress=_say)
     if metrics is None:  # a non-main DDP rank
         return 0
     metrics.setdefault("wall_s", time.perf_counter() - t0)

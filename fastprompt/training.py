@@ -9,45 +9,25 @@ resumed runs identical to uninterrupted ones.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CheckpointError, check_finite, read_safetensors, save
 from .data import ImageDataset, train_transform
 from .errors import TrainingError
-from .scoring import autocast, loader_kwargs
 from .files import append_line, atomic_write
 from .recipes import Recipe
+from .runtime import TrainEnv, autocast, init_distributed, loader_kwargs  # noqa: F401 (re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
 SYNC_EVERY = 20  # steps between host reads of the running loss / NaN flag
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
 LOG = "log.jsonl"
-
-
-@dataclass
-class TrainEnv:
-    device: torch.device
-    precision: str = "fp32"        # fp32 | bf16 | fp16
-    workers: int = 0
-    seed: int = 1
-    on_error: str = "skip"
-    progress: bool = True
-    rank: int = 0
-    world_size: int = 1
-    cuda_graphs: bool = True       # capture the training step as a CUDA graph (CUDA, one process)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 class LossModule(nn.Module):
@@ -285,18 +265,3 @@ def _check_finite(finite: torch.Tensor, epoch: int, first: int, last: int, run_d
         raise TrainingError(f"the loss became NaN/inf in epoch {epoch + 1} (steps {first}-{last}): "
                             f"lower --lr or use --precision fp32; the checkpoint of epoch {epoch} in "
                             f"{run_dir} is intact (--resume continues from it)")
-
-
-def init_distributed(device_arg: str | None) -> TrainEnv:
-    """TrainEnv from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK) or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda but no CUDA device is visible: use --device cpu")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return TrainEnv(device=device, rank=rank, world_size=world)

@@ -1,0 +1,135 @@
+"""`TrainConfig`: everything a training run needs, as one typed value (no argv, no Namespace).
+
+    import fastprompt as fp
+    metrics = fp.fit(fp.TrainConfig(method="maple", dataset="oxford_pets", data_root="/data",
+                                    model="ViT-B-16", pretrained="openai"))
+
+`python -m fastprompt.train` builds one from its flags (`fastprompt.train.config_from_args`), and
+`python -m fastprompt.table` one per table cell. The fields fall in five groups: the method and its
+options, the backbone, the data and protocol, the recipe (None = the method's released recipe),
+and the runtime (how the run is executed: nothing of it changes the model that is saved).
+This module imports neither torch nor open_clip.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+#: the built-in generated dataset of a run without --dataset (fastprompt.data.generated)
+DEFAULT_DATASET = "shapes_colour"
+#: weights of `model="tiny"` when `pretrained` is not given (fastprompt/weights/tiny-shapes.*)
+TINY_DEFAULT_WEIGHTS = "shapes"
+#: the largest seed accepted (seeds also feed NumPy generators, which need 0 <= seed < 2**32)
+MAX_SEED = 2**32 - 1
+#: recipe fields a config file may set besides batch size, lr and epochs, with their lower bound
+#: and whether they are real numbers (which must then be finite)
+RECIPE_LIMITS = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentum": (0.0, True),
+                 "weight_decay": (0.0, True)}
+
+
+@dataclass
+class TrainConfig:
+    """One training run (`fastprompt.fit`). Defaults are the embedded offline job: MaPLe on the
+    generated `shapes_colour` with the shipped tiny CLIP, base-to-novel, seed 1."""
+
+    # --- method
+    method: str = "maple"
+    #: method options by name (typed values or their text, coerced by the method's Config)
+    options: dict = field(default_factory=dict)
+    #: zero-shot prompts: one template with {} (default: CoOp's template of the dataset) ...
+    template: str | None = None
+    #: ... or CoOp's ZeroshotCLIP2 prompt ensemble
+    ensemble: bool = False
+
+    # --- backbone
+    model: str = "tiny"
+    #: open_clip tag, checkpoint file, "none" for random init; None: "shapes" for the tiny model,
+    #: random init otherwise
+    pretrained: str | None = None
+    #: QuickGELU (True) or GELU (False); None: what the weights say
+    quick_gelu: bool | None = None
+    backbone_seed: int = 0
+
+    # --- data and protocol
+    dataset: str | None = None          # None: DEFAULT_DATASET
+    data_root: str | None = None
+    shots: int | None = None            # None: the recipe's (16)
+    seed: int = 1                       # few-shot draw, parameter init, data order
+    subsample: str = "base"             # base (base-to-novel) | all
+    eval_datasets: tuple = ()
+    eval_split: str = "test"            # test | val
+    on_error: str = "skip"              # unreadable images: skip (counted) | raise
+
+    # --- recipe (None: the method's released recipe)
+    recipe: str | None = None           # base2novel | cross; None: by protocol
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    #: other Recipe fields (warmup_epochs, warmup_lr, momentum, weight_decay)
+    recipe_overrides: dict = field(default_factory=dict)
+
+    # --- runtime and output (how the run executes; not saved with the model)
+    device: str | None = None           # cuda | cpu; None: cuda when available
+    precision: str = "auto"             # auto | fp32 | bf16 | fp16
+    workers: int | None = None          # None: 4 on CUDA, 0 on the CPU
+    plain: bool = False                 # every optimisation off: the original-style baseline
+    cuda_graphs: bool = True
+    progress: bool = True
+    zero_shot_ref: str = "auto"         # auto | always | never
+    out: str | None = None              # None: runs/DATASET/METHOD/seedN
+    resume: bool = False
+    overwrite: bool = False
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or DEFAULT_DATASET
+
+    @property
+    def weights(self) -> str | None:
+        """The `pretrained` argument of `load_clip`: None means random init."""
+        if self.pretrained is None:
+            return TINY_DEFAULT_WEIGHTS if self.model == "tiny" else None
+        return None if self.pretrained.lower() in ("none", "random") else self.pretrained
+
+    @property
+    def run_dir(self) -> str:
+        return self.out or f"runs/{self.dataset_name}/{self.method}/seed{self.seed}"
+
+    def validate(self, recipe_source: str | None = None) -> "TrainConfig":
+        """Refuse numbers and choices that would train nonsense (InputError, one line naming the
+        setting by its command-line flag; recipe fields by the file they came from, if given)."""
+        def bad(flag, want, value):
+            raise InputError(f"{flag} must be {want}, got {value!r}")
+
+        for flag, value in (("--seed", self.seed), ("--backbone-seed", self.backbone_seed)):
+            if not (isinstance(value, int) and 0 <= value <= MAX_SEED):
+                bad(flag, f"an integer from 0 to {MAX_SEED}", value)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            bad("--lr", "a finite number > 0", self.lr)
+        for flag, value, low in (("--epochs", self.epochs, 0), ("--shots", self.shots, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0)):
+            if value is not None and value < low:
+                bad(flag, f"an integer >= {low}", value)
+        for flag, value, choices in (("--subsample", self.subsample, ("base", "all")),
+                                     ("--eval-split", self.eval_split, ("test", "val")),
+                                     ("--on-error", self.on_error, ("skip", "raise")),
+                                     ("--precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
+                                     ("--zero-shot-ref", self.zero_shot_ref, ("auto", "always", "never")),
+                                     ("--recipe", self.recipe, (None, "base2novel", "cross"))):
+            if value not in choices:
+                bad(flag, "one of " + ", ".join(str(c) for c in choices if c is not None), value)
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in --out and --overwrite replaces it: give one")
+        def where(key):
+            return f"'{key}' in {recipe_source}" if recipe_source else f"recipe field '{key}'"
+
+        for key, value in self.recipe_overrides.items():
+            low, real = RECIPE_LIMITS.get(key, (None, False))
+            if low is not None and (value < low or (real and not math.isfinite(value))):
+                bad(where(key), f"{'a finite number' if real else 'an integer'} >= {low}", value)
+        if self.recipe_overrides.get("momentum", 0) >= 1:
+            bad(where("momentum"), "below 1", self.recipe_overrides["momentum"])
+        return self
