@@ -1,13 +1,16 @@
 """python -m fastprompt.export --run RUN_DIR --format onnx|tensorrt --out FILE [options]
 
 Exit status: 0 exported and checked; 1 the check failed, or the engine failed while being checked
-(the rejected file is kept for inspection; an ONNX --out that existed is left as it was); 2 bad input (missing run, unsupported method, TensorRT/CUDA
-missing, bad option, an --out suffix that predict could not open), one line on stderr.
+(the rejected file is kept for inspection; an ONNX --out that existed is left as it was); 2 bad
+input (missing run, unsupported method, TensorRT/CUDA missing, bad option, an --out suffix that
+predict could not open), one line on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from fastprompt.cli import Parser, run_cli
 
 #: export/onnx.py's EXPORTERS and MIN_OPSET and export/tensorrt.py's DEFAULT_BATCH, written out so
 #: that --help imports no torch (tests/test_first_hour.py checks they agree)
@@ -16,16 +19,11 @@ MIN_OPSET = 17
 DEFAULT_BATCH = (1, 32, 128)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastprompt.export",
-                description="Export a fastprompt run's classifier (one image pass, learned "
-                            "prompts/adapters and the class text matrix baked in) to ONNX or a "
-                            "TensorRT engine.")
+    p = Parser(prog="python -m fastprompt.export",
+               description="Export a fastprompt run's classifier (one image pass, learned "
+                           "prompts/adapters and the class text matrix baked in) to ONNX or a "
+                           "TensorRT engine.")
     p.add_argument("--run", required=True, help="run directory (config.json + adapter.safetensors)")
     p.add_argument("--format", required=True, choices=["onnx", "tensorrt"],
                    help="onnx (checked with onnxruntime) or tensorrt (an engine for this GPU)")
@@ -47,8 +45,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Exit status: see the module docstring; errors are one line (`fastprompt.cli.run_cli`)."""
-    from fastprompt.cli import run_cli
-
     return run_cli(lambda: _main(argv))
 
 

@@ -8,25 +8,27 @@ identical.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from ..cli import run_cli
+from ..cli import Parser, run_cli
 from .train import PretrainConfig, pretrain
 
 
 def main(argv=None) -> int:
     d = PretrainConfig()
-    p = argparse.ArgumentParser(prog="python -m fastprompt.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="tiny-shapes.safetensors")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
+    p = Parser(prog="python -m fastprompt.pretrain", description=__doc__)
+    p.add_argument("--out", default="tiny-shapes.safetensors",
+                   help="weights file to write (.safetensors; its .json record goes beside it)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and corpus")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimisation steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="image-caption pairs per step (the contrastive loss's batch)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak AdamW learning rate (linear warm-up, then cosine: fastprompt.schedule)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads (the shipped file: 2; bit-for-bit needs the same count)")
     a = p.parse_args(argv)
     return run_cli(lambda: _pretrain(a))
 
