@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastprompt.errors import ExportCheckError, ExportError, require
+from fastprompt.errors import ExportCheckError, ExportError, first_line, require
 from fastprompt.files import atomic_write, move_into_place
 
 from .model import (_ImagesOnly, exportable_classifier, load_run, metadata,  # noqa: F401
@@ -195,8 +195,7 @@ def export_onnx(source, out, *, features: bool = False, opset: int = MIN_OPSET,
     try:
         proto = _trace(module, example, int(opset), exporter, "features" if features else "logits")
     except Exception as err:  # exporter failures surface as many exception types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ExportError(f"{exporter} export failed: {first}") from err
+        raise ExportError(f"{exporter} export failed: {first_line(err)}") from err
     proto = _clean(proto) if exporter == "torchscript" else proto
     if len(proto.graph.input) != 1:
         raise ExportError(f"exported graph has {len(proto.graph.input)} inputs, expected 1 (images)")

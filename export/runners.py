@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprompt.errors import ExportError, FastpromptError
+from fastprompt.errors import ExportError, FastpromptError, first_line
 
 from .model import read_metadata
 
@@ -147,8 +147,7 @@ class OnnxRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ExportError(f"cannot load {path} with onnxruntime: {first}") from None
+            raise ExportError(f"cannot load {path} with onnxruntime: {first_line(err)}") from None
         self.device = device
         self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path))
         self.input = self.session.get_inputs()[0].name
@@ -157,8 +156,7 @@ class OnnxRunner(Runner):
         try:
             out = self.session.run(None, {self.input: images.detach().cpu().contiguous().numpy()})
         except Exception as err:  # onnxruntime raises its own exception types
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise RunnerError(f"onnxruntime failed: {first}") from None
+            raise RunnerError(f"onnxruntime failed: {first_line(err)}") from None
         return torch.from_numpy(out[0])
 
 

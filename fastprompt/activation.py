@@ -23,7 +23,7 @@ import zipfile
 
 import torch
 
-from .errors import BackboneError
+from .errors import BackboneError, first_line
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -63,8 +63,7 @@ def openai_release_state(path: str) -> dict | None:
         else:
             return None
     except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackboneError(f"cannot read the checkpoint {path}: {first}") from None
+        raise BackboneError(f"cannot read the checkpoint {path}: {first_line(e)}") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
             if k not in OPENAI_EXTRA_KEYS}
 

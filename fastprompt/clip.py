@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import BackboneError
+from .errors import BackboneError, first_line
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,8 +140,8 @@ def _create_open_clip(open_clip, name: str, pretrained: str | None, quick_gelu: 
         if release_state is not None:
             model.load_state_dict(release_state)
     except RuntimeError as e:  # open_clip raises RuntimeError for weights that don't fit
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackboneError(f"could not load weights '{pretrained}' into {name}: {first}") from None
+        raise BackboneError(f"could not load weights '{pretrained}' into {name}: "
+                            f"{first_line(e)}") from None
     return model, open_clip.get_tokenizer(name)
 
 
