@@ -224,5 +224,6 @@ def insert_prompts_layernorm(x, prompts, start, weight, bias, eps=1e-5):
     x_new = torch.cat([x[:, :start], p, x[:, start + n:]], dim=1)
     w = None if weight is None else weight.to(dt)
     b = None if bias is None else bias.to(dt)
-    h = F.layer_norm(x_new, (D,), w, b, float(eps)).to(dt)
+    # int(D): a constant under torch.jit.trace, so the ONNX export keeps a static normalized_shape
+    h = F.layer_norm(x_new, (int(D),), w, b, float(eps)).to(dt)
     return x_new, h
