@@ -1,4 +1,4 @@
-"""Downstream datasets drawn like the pretraining corpus (`shapes.render`, as `fastprompt.pretrain.corpus`).
+"""Downstream datasets drawn like the pretraining corpus (`shapes.render`, as in `pretrain.corpus`).
 
 Like the real benchmarks, each is a *domain* the pretrained `tiny` CLIP was not trained on: the
 scenes are rendered as in pretraining and then seen through a fixed imaging condition, so
