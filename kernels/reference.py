@@ -216,7 +216,12 @@ def insert_prompts_layernorm(x, prompts, start, weight, bias, eps=1e-5):
     ``(x_new, h)``, both in ``x.dtype``. The gradient of ``x`` is zero on the replaced rows; the
     gradient of shared prompts is summed over the batch.
     """
-    B, L, D, n, start = check_insert_args(x, prompts, start, weight, bias, eps)
+    if torch.jit.is_tracing():
+        # a trace (ONNX export): the sizes and `start` are traced values, and checking them would
+        # write their arithmetic into the graph; the eager call of the same module checks them
+        B, n, D = x.shape[0], prompts.shape[-2], x.shape[-1]
+    else:
+        B, L, D, n, start = check_insert_args(x, prompts, start, weight, bias, eps)
     dt = x.dtype
     p = prompts.to(dt)
     if p.dim() == 2:
