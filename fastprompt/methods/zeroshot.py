@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, check_template
 from .base import Method, MethodConfig, register
 
-#: description and recipe (fastprompt.base.card; read by fastprompt.catalog without torch)
+#: description and recipe (methods.base.card; read by fastprompt.catalog without torch)
 CARDS = {
     "zeroshot": {
         "about": "CLIP as released, prompted with CoOp's template of the dataset",
