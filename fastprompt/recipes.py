@@ -23,7 +23,6 @@ recipe is named.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 
@@ -42,10 +41,9 @@ class Recipe:
 
     def lr_at(self, epoch: int) -> float:
         """lr of a 0-indexed epoch under Dassl's constant warm-up + cosine (module docstring)."""
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr
-        t = (epoch - self.warmup_epochs) / max(self.epochs, 1)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        from .schedule import warmup_cosine
+
+        return warmup_cosine(self.lr, epoch, self.epochs, self.warmup_epochs, warmup_lr=self.warmup_lr)
 
 
 #: the protocols, in the order `describe` lists them; a method without a `cross` recipe uses its

@@ -4,8 +4,7 @@
   imports, relative and absolute (a lazy import inside a function still "imports back up");
 - no library file over 400 lines (the issue's check); files over 300 lines (the aim for
   non-kernel files) are listed in the test's output;
-- no file outside ``fastprompt/methods/`` names a method (xfail until the methods own their
-  recipes and checkpoint maps).
+- no file outside ``fastprompt/methods/`` names a method (the default job's method aside).
 
 The installed package is ``fastprompt`` with the top-level folders ``kernels/`` and ``export/``
 mounted as ``fastprompt.kernels`` and ``fastprompt.export`` (setup.py), so those folders are read
@@ -232,8 +231,6 @@ def test_registered_method_names_are_read():
             "maple+lamm"} <= registered_method_names()
 
 
-@pytest.mark.xfail(strict=False, reason="issue #16: methods/ to own recipes, checkpoint maps and "
-                   "shots (R1 and the lead are moving them); the lead removes this mark")
 def test_no_file_outside_methods_names_a_method():
     mentions = method_mentions()
     assert not mentions, "method names outside fastprompt/methods/:\n" + "\n".join(mentions)

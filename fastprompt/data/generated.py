@@ -28,6 +28,7 @@ import functools
 
 import numpy as np
 
+from ..config import DEFAULT_DATASET  # noqa: F401 - importable from here, defined once
 from .protocol import DatasetSplits, Datum
 from .shapes import HELD_OUT, SIZES, TEXTURES, describe, render
 
@@ -66,8 +67,6 @@ _DATASETS = {
                               for c, s in _COUNT_OBJECTS for n in (1, 2, 3)], _fog),
 }
 GENERATED = tuple(_DATASETS)
-#: the dataset of `python -m fastprompt.train` without --dataset
-DEFAULT_DATASET = "shapes_colour"
 
 
 def _classname(name: str, a: dict) -> str:
