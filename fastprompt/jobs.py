@@ -181,9 +181,7 @@ def zero_shot_reference(config: TrainConfig, method: str, clip, env, base, novel
     """Zero-shot CLIP (the dataset's CoOp prompt) on the same evaluation images, as a reference:
     {"zeroshot_ref": {...}} when asked or cheap (`zero_shot_ref`, default auto: a backbone under
     ZERO_SHOT_REF_MAX_PARAMS), else {"zeroshot_ref_skipped": why}; {} for a zero-shot run itself."""
-    from .api import create
     from .methods import reference_method
-    from .recipes import zero_shot_templates
 
     reference = reference_method()
     if method == reference:
@@ -194,10 +192,20 @@ def zero_shot_reference(config: TrainConfig, method: str, clip, env, base, novel
     if config.zero_shot_ref == "auto" and size > ZERO_SHOT_REF_MAX_PARAMS:
         return {"zeroshot_ref_skipped": f"the backbone has {size / 1e6:.0f}M parameters; "
                                         f"--zero-shot-ref always adds it, or run --method {reference}"}
-    model = create(reference, clip, base.classnames,
-                   templates=zero_shot_templates(config.dataset_name))
-    ref = evaluate_base_novel(model, dataclasses.replace(config, eval_datasets=()), env, base, novel)
+    ref = zero_shot_scores(dataclasses.replace(config, eval_datasets=()), clip, env, base, novel)
     return {"zeroshot_ref": {k: v for k, v in ref.items() if k in ("base_acc", "novel_acc", "hm", "acc")}}
+
+
+def zero_shot_scores(config: TrainConfig, clip, env, base, novel) -> dict:
+    """`evaluate_base_novel` of zero-shot CLIP (the reference method) prompted as `config` says:
+    its template / ensemble, else CoOp's template of the dataset."""
+    from .api import create
+    from .methods import reference_method
+    from .recipes import zero_shot_templates
+
+    model = create(reference_method(), clip, base.classnames,
+                   templates=zero_shot_templates(config.dataset_name, config.template, config.ensemble))
+    return evaluate_base_novel(model, config, env, base, novel)
 
 
 def evaluate_base_novel(model, config: TrainConfig, env, base, novel) -> dict:

@@ -73,12 +73,10 @@ def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "tes
               base: TrainConfig | None = None) -> dict:
     """Zero-shot CLIP (CoOp's prompt of the dataset) on the base and the novel classes of
     `dataset`, with the backbone, data and evaluation settings of `base`; no run directory."""
-    from .api import create
     from .clip import load_clip
     from .data import load_dataset, split_base_novel
-    from .jobs import evaluate_base_novel
+    from .jobs import zero_shot_scores
     from .methods import reference_method
-    from .recipes import zero_shot_templates
     from .runtime import runtime_env
 
     config = dataclasses.replace(cell_config(reference_method(), dataset, 1, pretrained, base=base),
@@ -86,10 +84,7 @@ def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "tes
     env = runtime_env(config)
     clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
                      quick_gelu=config.quick_gelu)
-    base_split, novel = split_base_novel(load_dataset(dataset, config.data_root))
-    model = create(reference_method(), clip, base_split.classnames,
-                   templates=zero_shot_templates(dataset, config.template, config.ensemble))
-    return evaluate_base_novel(model, config, env, base_split, novel)
+    return zero_shot_scores(config, clip, env, *split_base_novel(load_dataset(dataset, config.data_root)))
 
 
 def collect(methods, datasets, seeds, pretrained: str | None = "shapes", log=print,
