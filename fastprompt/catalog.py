@@ -46,7 +46,7 @@ def method_names(trained: bool = False) -> list[str]:
     """The methods in the registry's order (the table's); `trained`: only those with training
     (a recipe of more than 0 epochs: every method but the zero-shot reference)."""
     return [name for name in CARDS
-            if not trained or recipe_from_card(name, CARDS[name]).epochs > 0]
+            if not trained or recipe_from_card(name, CARDS[name]).trains]
 
 #: generated in memory (no files, no --data-root); shapes_colour is the default dataset
 GENERATED_DATASETS = ("shapes_colour", "shapes_texture", "shapes_count")
@@ -75,20 +75,21 @@ def recipe_summary(method: str) -> str:
         return recipe_from_card(method, CARDS[method], dataset, recipe)
 
     base = recipe_for(method, recipe="base2novel")
-    if base.epochs == 0:
+    if not base.trains:
         return "no training"
 
     def fields(r):
-        return {"batch": f"batch {r.batch_size}", "lr": f"lr {r.lr:g}", "epochs": f"{r.epochs} epochs",
+        return {"batch": f"batch {r.batch_size}", "lr": f"lr {r.lr:g}", "epochs": r.length_text(),
+                "optimizer": r.optimizer_text(),
                 "warmup": f"{r.warmup_epochs} warm-up" if r.warmup_epochs else "no warm-up",
                 **{f"opt {k}": f"{k}={v}" for k, v in r.options.items()}}
 
     def differ(r):
         theirs = fields(r)
-        return ", ".join(v for k, v in theirs.items() if own.get(k) != v)
+        return ", ".join(v for k, v in theirs.items() if v and own.get(k) != v)
 
     own = fields(base)
-    text = ", ".join(own.values())
+    text = ", ".join(v for v in own.values() if v)
     cross = differ(recipe_for(method, recipe="cross"))
     imagenet = differ(recipe_for(method, "imagenet", recipe="base2novel"))
     return (text + (f"; cross: {cross}" if cross else "")

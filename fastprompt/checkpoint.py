@@ -47,11 +47,31 @@ def read_safetensors(path: Path, what: str = "the run") -> dict:
                               f"corrupt; restore it or train {what} again") from None
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """`tensors` to a safetensors file, atomically (`files.atomic_write`). The writer's own error
+    (safetensors raises its SafetensorError for a full disk) becomes the OSError it reports, naming
+    `path`, so the CLI says which file could not be written and why, in one line."""
+    import re
+
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - SafetensorError has no importable base here
+            code = re.search(r"os error (\d+)", str(err))
+            if code:
+                number = int(code.group(1))
+                raise OSError(number, os.strerror(number), str(path)) from None
+            raise CheckpointError(f"cannot write {path}: {first_line(err)}") from None
+    return atomic_write(path, write)
+
+
 def save(model, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `config.json` + `adapter.safetensors` (each atomically); non-finite tensors are
     refused, so a diverged model never replaces a good one."""
-    from safetensors.torch import save_file
-
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -66,7 +86,7 @@ def save(model, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         **(extra or {}),
     }
-    atomic_write(run / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    write_safetensors(run / WEIGHTS, tensors, {"format": FORMAT})
     write_json(run / CONFIG, config)
     return run
 

@@ -26,7 +26,8 @@ MAX_SEED = 2**32 - 1
 #: recipe fields a config file may set besides batch size, lr and epochs, with their lower bound
 #: and whether they are real numbers (which must then be finite)
 RECIPE_LIMITS = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentum": (0.0, True),
-                 "weight_decay": (0.0, True)}
+                 "weight_decay": (0.0, True), "eps": (0.0, True), "min_lr": (0.0, True),
+                 "iterations_per_shot": (0, False)}
 
 
 @dataclass

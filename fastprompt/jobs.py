@@ -92,6 +92,8 @@ def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, hoo
                      config.resume)
     clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
                      quick_gelu=config.quick_gelu)
+    if config.resume:
+        check_resumed_backbone(out, clip)
     options = method_options(config, recipe)
     torch.manual_seed(config.seed)  # the learnable parameters' init follows the seed (Dassl's rule)
     model = create(config.method, clip, base.classnames, **options)
@@ -103,7 +105,7 @@ def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, hoo
     if env.main:
         _announce(config, recipe, clip, env, out, base, novel, options, hooks)
     stats = train(model, recipe, base.train, out, env, resume=config.resume, extra=extra,
-                  log=hooks["log"], progress=hooks["progress"])
+                  log=hooks["log"], progress=hooks["progress"], val=base.val)
     if not env.main:
         return None
     metrics = evaluate_base_novel(model, config, env, base, novel)
@@ -113,6 +115,15 @@ def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, hoo
                           "plain": config.plain, "world_size": env.world_size}
     metrics["wall_s"] = time.perf_counter() - started
     return _finish(out, metrics)
+
+
+def check_resumed_backbone(out: Path, clip) -> None:
+    """A resumed run continues on the backbone weights it was started with (the fingerprint in its
+    config.json), not on a replaced file or another init seed."""
+    from .checkpoint import CONFIG, check_fingerprint, read_config
+
+    if (out / CONFIG).is_file():
+        check_fingerprint(read_config(out)["backbone"], clip, out)
 
 
 def _split_record(items) -> list:

@@ -38,12 +38,88 @@ class Recipe:
     shots: int = 16
     options: dict = field(default_factory=dict)  # method keyword options
     source: str = ""                             # the original config it follows
+    #: "sgd" (Dassl: momentum, weight decay) or "adamw" (betas, eps, weight decay)
+    optimizer: str = "sgd"
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    #: "epoch": Dassl's warm-up + cosine, one rate per epoch (`lr_at`); "iteration": the cosine
+    #: stepped after every optimiser step, as torch's CosineAnnealingLR(T_max = all steps,
+    #: eta_min = min_lr) is in CLIP-LoRA and Tip-Adapter-F (`lr_at_step`)
+    schedule: str = "epoch"
+    min_lr: float = 0.0
+    #: > 0: the run is this many optimiser steps times the shots (CLIP-LoRA: 500 x K), however
+    #: many epochs that takes; the last epoch stops when the budget is spent. 0: `epochs` epochs
+    iterations_per_shot: int = 0
+    #: RandomResizedCrop's scale range of the training augmentation (CoOp 0.08-1; Tip-Adapter 0.5-1)
+    crop_scale: tuple = (0.08, 1.0)
 
     def lr_at(self, epoch: int) -> float:
         """lr of a 0-indexed epoch under Dassl's constant warm-up + cosine (module docstring)."""
         from .schedule import warmup_cosine
 
         return warmup_cosine(self.lr, epoch, self.epochs, self.warmup_epochs, warmup_lr=self.warmup_lr)
+
+    @property
+    def iterations(self) -> int:
+        """The optimiser-step budget (0: none, the run is `epochs` epochs)."""
+        return self.iterations_per_shot * self.shots
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the whole run when an epoch has `steps_per_epoch` batches."""
+        return self.iterations or self.epochs * steps_per_epoch
+
+    def total_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs of the whole run: `epochs`, or as many as the step budget needs (the last one
+        possibly cut short)."""
+        if not self.iterations:
+            return self.epochs
+        return -(-self.iterations // max(1, steps_per_epoch))
+
+    def lr_at_step(self, step: int, steps_per_epoch: int) -> float:
+        """lr of the 0-indexed optimiser step `step` of the run: the epoch's rate (`lr_at`) under
+        the "epoch" schedule; under "iteration", `warmup_epochs` epochs of steps at `warmup_lr`,
+        then min_lr + (lr - min_lr)(1 + cos(pi t / T)) / 2 with t the step, T all steps."""
+        from .schedule import warmup_cosine
+
+        if self.schedule == "epoch":
+            return self.lr_at(step // max(1, steps_per_epoch))
+        return warmup_cosine(self.lr, step, self.total_steps(steps_per_epoch),
+                             self.warmup_epochs * steps_per_epoch, warmup_lr=self.warmup_lr,
+                             min_lr=self.min_lr)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the recipe takes any optimiser step (zero-shot and training-free ones do not)."""
+        return self.epochs > 0 or self.iterations > 0
+
+    def length_text(self) -> str:
+        """How long the run is: '5 epochs', or '500 x 16 shots = 8000 steps' for a step budget."""
+        if self.iterations:
+            return f"{self.iterations_per_shot} x {self.shots} shots = {self.iterations} steps"
+        return f"{self.epochs} epoch{'' if self.epochs == 1 else 's'}"
+
+    def optimizer_text(self) -> str:
+        """'' for Dassl's SGD stepped per epoch, else e.g. 'AdamW, cosine per step to 1e-06'."""
+        parts = ["AdamW"] if self.optimizer == "adamw" else []
+        if self.schedule == "iteration":
+            parts.append(f"cosine per step to {self.min_lr:g}")
+        return ", ".join(parts)
+
+    def check(self) -> "Recipe":
+        """InputError naming a field that no loop can run (unknown optimiser or schedule)."""
+        from .errors import InputError
+
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"recipe field 'optimizer' must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"recipe field 'schedule' must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
+        return self
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("epoch", "iteration")
 
 
 #: the protocols, in the order `describe` lists them; a method without a `cross` recipe uses its
@@ -67,11 +143,14 @@ def recipe_from_card(method: str, card: dict, dataset: str = "", recipe: str | N
     bad = sorted(set(fields) - _FIELDS)
     if bad:
         raise ValueError(f"the card of method '{method}' has the unknown recipe field '{bad[0]}'")
-    base = Recipe(**{**fields, "options": dict(fields.get("options", {}))})
+    for key in ("betas", "crop_scale"):  # literals may write them as lists
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    base = Recipe(**{**fields, "options": dict(fields.get("options", {}))}).check()
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown recipe field '{unknown[0]}'; valid: {', '.join(sorted(_FIELDS))}")
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None}).check()
 
 
 def recipe_for(method: str, dataset: str = "", recipe: str | None = None, **overrides) -> Recipe:
@@ -117,7 +196,8 @@ def describe(method: str) -> str:
     for name in PROTOCOLS:
         r = recipe_for(method, recipe=name)
         opts = "".join(f" {k}={v}" for k, v in r.options.items())
-        parts.append(f"{name}: batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs"
+        how = f", {r.optimizer_text()}" if r.optimizer_text() else ""
+        parts.append(f"{name}: batch {r.batch_size}, lr {r.lr:g}, {r.length_text()}{how}"
                      f"{', warm-up 1e-5 x' + str(r.warmup_epochs) if r.warmup_epochs else ''}{opts}")
     return "; ".join(parts)
 

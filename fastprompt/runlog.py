@@ -41,7 +41,7 @@ def opening_line(*, method: str, dataset: str, protocol: str, recipe, base: list
                    f"novel, held out for testing)")
     else:
         classes = f"all {len(base)} classes"
-    if recipe.epochs == 0:
+    if not recipe.trains:
         what = f"{dataset}: {classes}"
         schedule = "no training, prompt " + " + ".join(repr(p) for p in (prompts or [])[:2]) + (
             f" + {len(prompts) - 2} more" if prompts and len(prompts) > 2 else "")
@@ -49,7 +49,8 @@ def opening_line(*, method: str, dataset: str, protocol: str, recipe, base: list
         what = (f"{dataset}, {protocol} recipe: {classes}, {recipe.shots} shots, {images} "
                 f"training images")
         warm = f" ({recipe.warmup_epochs} warm-up at lr {_num(recipe.warmup_lr)})" if recipe.warmup_epochs else ""
-        schedule = f"{_n(recipe.epochs, 'epoch')}{warm}, batch {recipe.batch_size}, lr {_num(recipe.lr)}"
+        how = f", {recipe.optimizer_text()}" if recipe.optimizer_text() else ""
+        schedule = f"{recipe.length_text()}{warm}, batch {recipe.batch_size}, lr {_num(recipe.lr)}{how}"
     return f"{method} on {what} | {backbone} | {schedule} | {device} {precision} | run dir {out}"
 
 

@@ -62,6 +62,30 @@ def score(classifier, data, device, batch_size: int = 100, workers: int = 0,
     return Score(100.0 * correct / total, total, skipped)
 
 
+@torch.no_grad()
+def encode_items(encode, data, transform, env, batch_size: int = 256, replace: bool = False,
+                 image_size: int | None = None):
+    """(encode(images) of every readable item of `data` in order, as float32 [N, ...], their labels
+    [N]): the frozen features a head on features is fitted or searched on, computed once and
+    without a graph. `replace=True` swaps an unreadable image for another of its class (training
+    items); otherwise it is left out, as in `score`."""
+    dataset = ImageDataset(data, transform, on_error=env.on_error, image_size=image_size,
+                           replace=replace)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_readable,
+                        **loader_kwargs(env.device, env.workers))
+    feats, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, y = batch
+        with autocast(env.device, env.precision):
+            feats.append(encode(images.to(env.device, non_blocking=True)).float())
+        labels.append(y.to(env.device))
+    if not feats:
+        raise DataError(f"none of the {len(data)} images could be read — check the data root")
+    return torch.cat(feats), torch.cat(labels)
+
+
 def accuracy(classifier, data, device, batch_size: int = 100, workers: int = 0,
              precision: str = "fp32", on_error: str = "skip", progress=None) -> float:
     """Top-1 accuracy in percent over the readable images of `data` (see `score`)."""

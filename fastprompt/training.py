@@ -1,7 +1,7 @@
 """The training loop: recipe schedule, mixed precision, per-epoch atomic checkpoints, resume, DDP.
 
-A run directory gets, after every epoch, `checkpoint.safetensors` (trainable tensors + SGD
-momentum + the epoch, one atomic file) and the adapter files of `fastprompt.save`, so a run that
+A run directory gets, after every epoch, `checkpoint.safetensors` (trainable tensors + optimiser
+state + the method's training state + the epoch and step, one atomic file) and the adapter files of `fastprompt.save`, so a run that
 dies loses at most the epoch in flight and `resume=True` continues from the last finished epoch.
 Data order and augmentation are seeded per (seed, epoch), which makes CPU runs reproducible and
 resumed runs identical to uninterrupted ones.
@@ -17,17 +17,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import CheckpointError, check_finite, read_safetensors, save
+from .checkpoint import save
+from .context import TrainingContext, epoch_seed
 from .data import ImageDataset, train_transform
 from .errors import TrainingError
-from .files import append_line, atomic_write
+from .files import append_line
+from .optim import make_optimizer
 from .recipes import Recipe
+from .resume import CHECKPOINT, LOG, drop_log_after, load_checkpoint, save_checkpoint  # noqa: F401
 from .runtime import TrainEnv, autocast, init_distributed, loader_kwargs  # noqa: F401 (re-exported)
 
-CHECKPOINT = "checkpoint.safetensors"
 SYNC_EVERY = 20  # steps between host reads of the running loss / NaN flag
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
-LOG = "log.jsonl"
+MAX_EPOCH_LINES = 100  # a run of more epochs (a step budget over a small set) prints every k-th
 
 
 class LossModule(nn.Module):
@@ -80,122 +82,96 @@ def make_step(model, env: "TrainEnv", log=print):
     return step
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
-def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, extra: dict) -> None:
-    """The epoch's checkpoint and adapter files, each written atomically; parameters or momentum
-    holding NaN/inf stop training instead (the previous epoch's files stay as they are)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, p in model.trainable_state().items():
-        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[f"momentum/{name}"] = buf.detach().cpu().contiguous()
-    try:
-        check_finite(tensors, f"the model after epoch {epoch}")
-    except CheckpointError as err:
-        raise TrainingError(f"{err}; epoch {epoch} was not saved, the files of epoch {epoch - 1} in "
-                            f"{run_dir} are intact") from None
-    meta = {"epoch": str(epoch)}
-    atomic_write(run_dir / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
-    save(model, run_dir, extra=extra)
-
-
-def load_checkpoint(model, optimizer, run_dir: Path) -> int:
-    """Restore trainable tensors and momentum; return the number of finished epochs."""
-    from safetensors import safe_open
-
-    from .errors import short_repr as short
-
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        raise TrainingError(f"nothing to resume: no {CHECKPOINT} in {run_dir} (drop --resume)")
-    tensors = read_safetensors(path, "the run")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    epoch = meta.get("epoch", "")
-    if not epoch.isdigit():
-        raise CheckpointError(f"{path} records no finished epoch (metadata {short(meta)}): restore "
-                              f"it or start a new run")
-    own = model.trainable_state()
-    missing = [k for k in own if f"param/{k}" not in tensors]
-    if missing:
-        raise TrainingError(f"{path} lacks '{missing[0]}': it belongs to another method/config")
-    for name, p in own.items():
-        for key in (f"param/{name}", f"momentum/{name}"):
-            if key in tensors and tensors[key].shape != p.shape:
-                raise CheckpointError(f"'{key}' in {path} has shape {tuple(tensors[key].shape)}, "
-                                      f"the model's is {tuple(p.shape)}: another method/config")
-    check_finite(tensors, path)
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(tensors[f"param/{name}"])
-            if f"momentum/{name}" in tensors:
-                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)
-    return int(epoch)
-
-
-def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
-    params = list(model.trainable_state().values())
-    if not params:
-        raise TrainingError(f"method '{model.name}' has nothing to train: use --epochs 0")
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay)
-
-
 def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resume: bool = False,
-          extra: dict | None = None, log=print, progress=None) -> dict:
+          extra: dict | None = None, log=print, progress=None, val: list | None = None) -> dict:
     """Tune `model` on `data` (list of Datum) following `recipe`; returns throughput stats. `log`
     gets a line per epoch; `progress` (callable or None) a line every PROGRESS_EVERY_S s within an
-    epoch where stderr is no terminal (a terminal gets tqdm's bar); neither if `env.progress` is off."""
+    epoch where stderr is no terminal (a terminal gets tqdm's bar); neither if `env.progress` is off.
+    `val` (list of Datum) is there for methods that choose something on it (Tip-Adapter's α, β).
+
+    The method takes part through four hooks (`methods.base.Method`): `begin_training(context)`
+    before the first step (a training-free method does its whole work there), `end_epoch` after
+    each epoch's last step (PromptSRC's snapshots), `end_training(context)` after the last epoch,
+    and `training_state()` / `load_training_state()` for what a resumed run must carry on with.
+    The optimiser (SGD or AdamW), its learning rate at every step (per epoch or per iteration) and
+    the length of the run (epochs or an optimiser-step budget) all come from `recipe`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.epochs == 0:  # zero-shot, or an evaluation of the initial prompts: nothing to tune
+    extra = extra or {}
+    context = TrainingContext(model, data, list(val or []), env, recipe)
+    model.begin_training(context)
+    if not recipe.trains:  # zero-shot, training-free, or an evaluation of the initial prompts
+        model.end_training(context)
         if env.main:
-            save(model, run_dir, extra=extra or {})
+            save(model, run_dir, extra=extra)
         model.eval()
         return {"train_images_per_s": 0.0, "train_wall_s": 0.0, "epochs": 0, "skipped_images": 0}
     optimizer = make_optimizer(model, recipe)
-    start = load_checkpoint(model, optimizer, run_dir) if resume else 0
-    if resume:
-        log(f"resuming {run_dir} after epoch {start}/{recipe.epochs}")
-    step_fn = make_step(model, env, log)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
-                                                 model.clip.std), on_error=env.on_error,
-                           image_size=model.clip.image_size)
+                                                 model.clip.std, scale=recipe.crop_scale),
+                           on_error=env.on_error, image_size=model.clip.image_size)
     if len(dataset) < recipe.batch_size * env.world_size:
         raise TrainingError(f"{len(dataset)} training images are fewer than one batch of "
                             f"{recipe.batch_size}: lower --batch-size or raise --shots")
+    per_epoch = len(_loader(dataset, recipe.batch_size, env, 0))
+    epochs, total = recipe.total_epochs(per_epoch), recipe.total_steps(per_epoch)
+    start = 0
+    if resume:
+        start, steps = load_checkpoint(model, optimizer, run_dir)
+        if start > epochs or (steps or 0) > total:
+            raise TrainingError(f"{run_dir / CHECKPOINT} holds {start} finished epochs "
+                                f"({steps if steps is not None else '?'} steps), more than the "
+                                f"{epochs} ({total} steps) asked: resume with the run's own "
+                                f"--epochs, or start a new run in another --out")
+        drop_log_after(run_dir, start)
+        log(f"resuming {run_dir} after epoch {start}/{epochs}")
+    step_fn = make_step(model, env, log)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    plan = Plan(recipe, per_epoch, epochs, total)
     images_seen, train_time = 0, 0.0
+    shown = max(1, epochs // MAX_EPOCH_LINES)  # an epoch line every `shown` epochs (and the last)
     model.train()
-    for epoch in range(start, recipe.epochs):
-        lr = recipe.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    for epoch in range(start, epochs):
         torch.manual_seed(epoch_seed(env.seed, epoch))
         loader = _loader(dataset, recipe.batch_size, env, epoch)
-        stats = _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir, progress)
+        stats = _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, plan, run_dir, progress)
         images_seen += stats["images"]
         train_time += stats["wall_s"]
+        model.end_epoch(epoch, epochs)
         if env.main:
-            save_checkpoint(model, optimizer, run_dir, epoch + 1, extra or {})
-            entry = {"epoch": epoch + 1, "lr": lr, **stats}
+            lrs = stats.pop("lrs")
+            entry = {"epoch": epoch + 1, "lr": lrs[0], **stats,
+                     **({"lrs": lrs} if recipe.schedule != "epoch" else {})}
             append_line(run_dir / LOG, json.dumps(entry, allow_nan=False))
-            log(f"epoch {epoch + 1}/{recipe.epochs}  lr {lr:.2e}  loss {stats['loss']:.4f}  "
-                f"acc {stats['acc']:.1f}%  {stats['images_per_s']:.1f} img/s")
-    if env.main and recipe.epochs == start:
-        save(model, run_dir, extra=extra or {})
+            if (epoch + 1) % shown == 0 or epoch + 1 == epochs:
+                log(f"epoch {epoch + 1}/{epochs}  lr {lrs[0]:.2e}  loss {stats['loss']:.4f}  "
+                    f"acc {stats['acc']:.1f}%  {stats['images_per_s']:.1f} img/s")
+            save_checkpoint(model, optimizer, run_dir, epoch + 1, extra,
+                            step=min(total, (epoch + 1) * per_epoch))
+    model.end_training(context)
+    if env.main:
+        save(model, run_dir, extra=extra)  # the final tensors (e.g. GPA's average)
     skipped = dataset.skipped  # over all loader workers (shared flags); this process's share in DDP
     if skipped and env.main:
         log(f"skipped {len(skipped)} unreadable training image(s), each replaced by another of its "
             f"class (first: {skipped[0]})")
     model.eval()
     return {"train_images_per_s": images_seen * env.world_size / train_time if train_time else 0.0,
-            "train_wall_s": train_time, "epochs": recipe.epochs, "skipped_images": len(skipped)}
+            "train_wall_s": train_time, "epochs": epochs, "skipped_images": len(skipped)}
+
+
+class Plan:
+    """Where a run's steps fall: `per_epoch` batches an epoch, `epochs` epochs, `total` optimiser
+    steps (fewer than epochs x per_epoch when the recipe sets a step budget), and each step's rate."""
+
+    def __init__(self, recipe: Recipe, per_epoch: int, epochs: int, total: int):
+        self.recipe, self.per_epoch, self.epochs, self.total = recipe, per_epoch, epochs, total
+
+    def steps(self, epoch: int) -> int:
+        """Optimiser steps of 0-indexed `epoch`."""
+        return max(0, min(self.per_epoch, self.total - epoch * self.per_epoch))
+
+    def lr(self, epoch: int, step: int) -> float:
+        return self.recipe.lr_at_step(epoch * self.per_epoch + step, self.per_epoch)
 
 
 def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:
@@ -210,21 +186,28 @@ def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:
                       **loader_kwargs(env.device, env.workers))
 
 
-def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, run_dir,
+def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, plan: Plan, run_dir,
                progress=None) -> dict:
+    """One epoch: `plan.steps(epoch)` optimiser steps, each at its scheduled rate."""
     from tqdm.auto import tqdm
 
+    n_steps = plan.steps(epoch)
     shown, terminal = env.progress and env.main, sys.stderr.isatty()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False, total=n_steps,
                disable=not (shown and terminal))
     lines = progress if shown and not terminal else None  # a log file: a line every few seconds
     # running sums stay on the device; the host reads them every SYNC_EVERY steps (no per-step sync)
     total_loss = torch.zeros((), device=env.device)
     correct = torch.zeros((), dtype=torch.long, device=env.device)
     finite = torch.ones((), dtype=torch.bool, device=env.device)
-    seen, t0, last = 0, time.perf_counter(), 0
+    seen, t0, last, lrs = 0, time.perf_counter(), 0, []
     due = t0 + PROGRESS_EVERY_S
     for step, (images, labels) in enumerate(bar):
+        if step == n_steps:  # the step budget ends inside this epoch
+            break
+        lrs.append(plan.lr(epoch, step))
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[-1]
         images = images.to(env.device, non_blocking=True)
         labels = labels.to(env.device, non_blocking=True)
         with autocast(env.device, env.precision):
@@ -239,15 +222,15 @@ def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, ru
         correct += (logits.argmax(-1) == labels).sum()
         seen += n
         now = time.perf_counter()
-        line_due = lines is not None and now >= due and step + 1 < len(loader)
-        if step + 1 - last >= SYNC_EVERY or step + 1 == len(loader) or line_due:
+        line_due = lines is not None and now >= due and step + 1 < n_steps
+        if step + 1 - last >= SYNC_EVERY or step + 1 == n_steps or line_due:
             _check_finite(finite, epoch, last + 1, step + 1, run_dir)
             last = step + 1
             loss_now, acc_now, rate = float(total_loss) / seen, 100 * int(correct) / seen, seen / (now - t0)
             bar.set_postfix(loss=f"{loss_now:.3f}", acc=f"{acc_now:.1f}", img_s=f"{rate:.1f}")
             if line_due:
-                left = (len(loader) - step - 1) * (now - t0) / (step + 1)
-                lines(f"epoch {epoch + 1}/{recipe.epochs}  step {step + 1}/{len(loader)}  loss "
+                left = (n_steps - step - 1) * (now - t0) / (step + 1)
+                lines(f"epoch {epoch + 1}/{plan.epochs}  step {step + 1}/{n_steps}  loss "
                       f"{loss_now:.4f}  acc {acc_now:.1f}%  {rate:.1f} img/s  ~{left:.0f} s left "
                       f"in this epoch")
                 due = now + PROGRESS_EVERY_S
@@ -257,7 +240,7 @@ def _run_epoch(step_fn, model, optimizer, scaler, loader, env, epoch, recipe, ru
     if seen == 0:
         raise TrainingError("the training loader produced no batch: lower --batch-size")
     return {"loss": float(total_loss) / seen, "acc": 100.0 * int(correct) / seen, "images": seen,
-            "wall_s": wall, "images_per_s": seen / wall}
+            "wall_s": wall, "images_per_s": seen / wall, "lrs": lrs}
 
 
 def _check_finite(finite: torch.Tensor, epoch: int, first: int, last: int, run_dir) -> None:

@@ -16,12 +16,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def train_transform(image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD):
-    """CoOp's training augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + flip + normalise."""
+                    std: Sequence[float] = CLIP_STD, scale: Sequence[float] = (0.08, 1.0)):
+    """CoOp's training augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + flip + normalise
+    (`scale`: the crop's area range; Tip-Adapter crops 0.5-1)."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0),
+        T.RandomResizedCrop(image_size, scale=tuple(scale),
                             interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),

@@ -192,6 +192,34 @@ class Method(nn.Module):
         logits = self(images)
         return F.cross_entropy(logits, labels), logits
 
+    # ----------------------------------------------------------------- training hooks
+    # (fastprompt.training.train calls them; a method that needs none keeps these no-ops)
+    def begin_training(self, context) -> None:
+        """Before the first step (`context`: training.TrainingContext — the training and
+        validation items, the run's env and recipe, `context.features` for frozen features). A
+        training-free method (Tip-Adapter) does its whole work here. Also called on resume, before
+        the checkpoint is restored: what it builds must follow from the data and the seed."""
+
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """After the last optimiser step of 0-indexed `epoch` of `epochs` (PromptSRC's snapshot)."""
+
+    def end_training(self, context) -> None:
+        """After the last epoch (also right after `begin_training` when the recipe trains
+        nothing): the model saved and evaluated is what this leaves (PromptSRC: the average)."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs besides parameters and optimiser state (running sums); saved
+        in the per-epoch checkpoint, never in the adapter files."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], path) -> None:
+        """Restore `training_state()` from a checkpoint (`path` names it in errors)."""
+        if tensors:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"{path} holds training state {sorted(tensors)[0]!r} that method "
+                                  f"'{self.name}' does not keep: a checkpoint of another method")
+
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def classifier(self, classnames: list[str] | None = None, chunk: int = 256):
