@@ -1,8 +1,19 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run in the Triton interpreter on CPU-only machines. This must happen before any
 # module imports triton.language (its @jit helpers pick interpreter mode at import time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def parity_clip(tmp_path_factory):
+    """The parity ViT-B/16 of ../shared/parity (golden_common.make_parity_clip), built once for
+    every golden module of the session."""
+    from golden_common import make_parity_clip, require_parity
+
+    require_parity()
+    return make_parity_clip(tmp_path_factory.mktemp("parity"))

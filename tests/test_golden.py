@@ -11,75 +11,33 @@ The last tests take the other road a user takes: the golden MaPLe+LAMM run writt
 LAMM trainer saves it (Dassl's `MultiModalPromptLearner/model.pth.tar-5`) and read back with
 `fp.load_original`, the parameter-term weight 1/shots coming from the config's `shots`.
 
-The folder is `$FASTPROMPT_PARITY`, else `<repo>/../shared/parity`. Without it (a user's clone)
-the module is skipped, saying so; with `CI` set it fails instead.
+The folder, the tolerances and the parity backbone are in `golden_common.py` (shared with the
+golden modules of the later methods). Without the folder (a user's clone) the module is skipped,
+saying so; with `CI` set it fails instead.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
-import os
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastprompt as fp
+from golden_common import (FEATURE_ATOL, GRAD_RTOL, LOGIT_ATOL, LOSS_ATOL, golden, rel_grad_gap,
+                           require_parity)
 
+require_parity()
 pytestmark = pytest.mark.golden
-
-LOGIT_ATOL = LOSS_ATOL = 1e-4
-GRAD_RTOL = 1e-3          # max|Δgrad| <= GRAD_RTOL * max|grad|, per tensor
-FEATURE_ATOL = 1e-4       # diagnostics: which tower disagrees
 
 #: golden file -> our method name
 METHOD = {"coop": "coop", "cocoop": "cocoop", "maple": "maple", "mma": "mma", "lamm": "lamm",
           "lamm_coop": "coop+lamm", "lamm_maple": "maple+lamm"}
 
 
-def parity_dir() -> Path:
-    env = os.environ.get("FASTPROMPT_PARITY")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "parity"
-
-
-PARITY = parity_dir()
-if not (PARITY / "make_weights.py").is_file():
-    reason = (f"golden parity data not found at {PARITY}: set FASTPROMPT_PARITY to the shared/parity "
-              f"folder to run these tests")
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-@functools.lru_cache(maxsize=None)
-def golden(name: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    return load_file(str(PARITY / f"{name}.safetensors")), json.loads((PARITY / f"{name}.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """The parity ViT-B/16, built from its regenerated OpenAI-layout checkpoint as a user would.
-    The file is a plain state dict, which cannot say it holds OpenAI-style (QuickGELU) weights, so
-    the user says it (`quick_gelu=True`, what load_clip's warning asks for; README, "The backbone's
-    MLP activation"). The 600 MB file is deleted once loaded."""
-    spec = importlib.util.spec_from_file_location("parity_make_weights", PARITY / "make_weights.py")
-    make_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_weights)
-    state = make_weights.make_state_dict(seed=0)
-    expected = golden("coop")[1]["weights"]["sha256_fingerprint"]
-    assert make_weights.fingerprint(state) == expected, "regenerated parity weights differ from the recorded ones"
-    path = tmp_path_factory.mktemp("parity") / "clip_vitb16_seed0.pt"
-    torch.save(state, path)
-    del state
-    try:
-        return fp.load_clip("ViT-B-16", pretrained=str(path), quick_gelu=True)
-    finally:
-        path.unlink()
+def clip(parity_clip):
+    return parity_clip
 
 
 def options(name: str, config: dict) -> dict:
@@ -209,7 +167,7 @@ def test_golden_training_loss_and_grads(name, clip):
     for k, ref in want.items():
         got = ours[k].grad
         assert got is not None, f"{name}: no gradient reached {k}"
-        rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        rel = rel_grad_gap(got, ref)
         if rel > GRAD_RTOL:
             bad.append(f"{k} ({mapped[k]}): max|Δ|/max|g| = {rel:.3g}")
     assert not bad, f"{name}: gradients differ from the official code: " + "; ".join(bad)
@@ -319,8 +277,7 @@ def test_golden_lamm_maple_checkpoint_loss_and_grads(lamm_maple_dir, clip):
         f"imported with shots 16: loss {float(loss.detach()):.6f} vs official {float(g['loss']):.6f}"
     want, ours = expected_grads(g, mapped), model.trainable_state()
     assert sorted(want) == sorted(ours), "every trainable tensor needs a golden gradient"
-    rel = {k: float((ours[k].grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-           for k, ref in want.items()}
+    rel = {k: rel_grad_gap(ours[k].grad, ref) for k, ref in want.items()}
     bad = [f"{k} ({mapped[k]}): {r:.3g}" for k, r in rel.items() if r > GRAD_RTOL]
     assert not bad, "imported with shots 16: gradients differ (max|Δ|/max|g|): " + "; ".join(bad)
 
