@@ -91,8 +91,9 @@ def recipe_summary(method: str) -> str:
     own = fields(base)
     text = ", ".join(v for v in own.values() if v)
     cross = differ(recipe_for(method, recipe="cross"))
+    fewshot = differ(recipe_for(method, recipe="fewshot"))
     imagenet = differ(recipe_for(method, "imagenet", recipe="base2novel"))
-    return (text + (f"; cross: {cross}" if cross else "")
+    return (text + (f"; cross: {cross}" if cross else "") + (f"; fewshot: {fewshot}" if fewshot else "")
             + (f"; on imagenet: {imagenet}" if imagenet else ""))
 
 

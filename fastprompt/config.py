@@ -64,7 +64,7 @@ class TrainConfig:
     on_error: str = "skip"              # unreadable images: skip (counted) | raise
 
     # --- recipe (None: the method's released recipe)
-    recipe: str | None = None           # base2novel | cross; None: by protocol
+    recipe: str | None = None           # base2novel | cross | fewshot; None: by protocol
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -119,7 +119,7 @@ class TrainConfig:
                                      ("--on-error", self.on_error, ("skip", "raise")),
                                      ("--precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
                                      ("--zero-shot-ref", self.zero_shot_ref, ("auto", "always", "never")),
-                                     ("--recipe", self.recipe, (None, "base2novel", "cross"))):
+                                     ("--recipe", self.recipe, (None, "base2novel", "cross", "fewshot"))):
             if value not in choices:
                 bad(flag, "one of " + ", ".join(str(c) for c in choices if c is not None), value)
         if self.resume and self.overwrite:

@@ -11,14 +11,18 @@ Shared (Dassl defaults, no released YAML overrides them): SGD momentum 0.9, weig
 so the full rate is reached right after the warm-up and the cosine never reaches 0 (MaPLe:
 1e-5, 3.5e-3, 3.17e-3, 2.29e-3, 1.21e-3).
 
-Two protocols (`PROTOCOLS`), each with the recipe of the released scripts; each method's recipes
-are written in its own file (`CARDS` in fastprompt/methods/<file>.py, with their `source`):
-* `base2novel` — train on the base half, test base and novel (`scripts/*/base2new_train*.sh`);
-  also what the few-shot scripts of LAMM use over all classes.
+Three protocols (`PROTOCOLS`), each with the recipe of the released scripts; each method's
+recipes are written in its own file (`CARDS` in fastprompt/methods/<file>.py, with their `source`):
+* `base2novel` — train on the base half, test base and novel (`scripts/*/base2new_train*.sh`).
 * `cross` — train on all of ImageNet, test on other datasets / ImageNet variants
   (`xd_train*.sh`); MaPLe then uses `vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml`.
-`recipe_for` picks `cross` for a run on every class of ImageNet, `base2novel` otherwise, unless a
-recipe is named.
+* `fewshot` — train and test on all classes of one dataset (`few_shot*.sh`; LAMM's scripts, the
+  few-shot tables of PromptSRC, CLIP-LoRA, Tip-Adapter).
+A method without a recipe of its own for a protocol uses its `base2novel` one there (the released
+scripts pass the same config). A recipe may carry `datasets`: departures for that protocol alone
+(PromptSRC's few-shot GPA groups), applied before the card's own `datasets` (every protocol).
+`default_protocol` picks `cross` for a run on every class of ImageNet, `fewshot` for every class of
+another dataset, `base2novel` for the base half, unless a recipe is named.
 """
 from __future__ import annotations
 
@@ -125,7 +129,7 @@ SCHEDULES = ("epoch", "iteration")
 #: the protocols, in the order `describe` lists them; a method without a `cross` recipe uses its
 #: base-to-novel one there (the released xd scripts pass the same config: CoCoOp, IVLP, MMA; LAMM
 #: released no xd recipe)
-PROTOCOLS = ("base2novel", "cross")
+PROTOCOLS = ("base2novel", "cross", "fewshot")
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
 
@@ -139,6 +143,7 @@ def recipe_from_card(method: str, card: dict, dataset: str = "", recipe: str | N
         raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(PROTOCOLS)}")
     recipes = card.get("recipes", {})
     fields = dict(recipes.get(name) or recipes["base2novel"])
+    fields.update(fields.pop("datasets", {}).get(dataset, {}))
     fields.update(card.get("datasets", {}).get(dataset, {}))
     bad = sorted(set(fields) - _FIELDS)
     if bad:
@@ -186,14 +191,21 @@ def __getattr__(name: str):
 
 
 def default_protocol(dataset: str, subsample: str) -> str:
-    """`cross` for a run over every class of ImageNet (the transfer source), else `base2novel`."""
-    return "cross" if dataset.lower() == "imagenet" and subsample == "all" else "base2novel"
+    """`cross` for a run over every class of ImageNet (the transfer source), `fewshot` over every
+    class of another dataset, `base2novel` on the base half."""
+    if subsample != "all":
+        return "base2novel"
+    return "cross" if dataset.lower() == "imagenet" else "fewshot"
 
 
 def describe(method: str) -> str:
     """One line per protocol: batch, lr, epochs, warm-up and options of `method`'s recipes."""
+    from .methods import card
+
     parts = []
     for name in PROTOCOLS:
+        if name != "base2novel" and name not in card(method).get("recipes", {}):
+            continue
         r = recipe_for(method, recipe=name)
         opts = "".join(f" {k}={v}" for k, v in r.options.items())
         how = f", {r.optimizer_text()}" if r.optimizer_text() else ""

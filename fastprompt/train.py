@@ -49,10 +49,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's recipe")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate after the warm-up (default: the method's recipe)")
-    p.add_argument("--recipe", dest="recipe_name", choices=["base2novel", "cross"], default=None,
-                   help="the released scripts' recipe: base2novel, or cross (train on all of "
+    p.add_argument("--recipe", dest="recipe_name", choices=["base2novel", "cross", "fewshot"],
+                   default=None,
+                   help="the released scripts' recipe: base2novel, cross (train on all of "
                         "ImageNet for cross-dataset / domain generalisation: MaPLe lr 0.0026, 2 "
-                        "epochs, depth 3); default: cross for --dataset imagenet --subsample all")
+                        "epochs, depth 3) or fewshot (all classes of one dataset); default: cross "
+                        "for --dataset imagenet --subsample all, fewshot for --subsample all "
+                        "elsewhere (a method without its own uses its base2novel recipe)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt depth=3 (repeatable)")
     p.add_argument("--template", default=None,

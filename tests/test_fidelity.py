@@ -74,7 +74,8 @@ def test_cross_dataset_recipe_by_name_and_by_protocol(tmp_path, capsys):
     assert (config["run"]["recipe"]["lr"], config["run"]["recipe"]["epochs"]) == (0.0026, 2)
     from fastprompt.recipes import default_protocol
     assert default_protocol("imagenet", "all") == "cross"
-    assert default_protocol("imagenet", "base") == default_protocol("oxford_pets", "all") == "base2novel"
+    assert default_protocol("imagenet", "base") == default_protocol("oxford_pets", "base") == "base2novel"
+    assert default_protocol("oxford_pets", "all") == default_protocol("folder", "all") == "fewshot"
     assert recipe_for("coop", "imagenet").epochs == 50 and recipe_for("mma", "imagenet").batch_size == 128
 
 

@@ -54,7 +54,7 @@ def test_the_cli_builds_the_config_its_flags_say():
     (dict(seed=-1), "--seed must be an integer from 0"),
     (dict(epochs=-1), "--epochs must be an integer >= 0"),
     (dict(subsample="half"), "--subsample must be one of base, all"),
-    (dict(recipe="paper"), "--recipe must be one of base2novel, cross"),
+    (dict(recipe="paper"), "--recipe must be one of base2novel, cross, fewshot"),
     (dict(resume=True, overwrite=True), "give one"),
     (dict(recipe_overrides={"momentum": 1.0}), "recipe field 'momentum' must be below 1"),
 ])

@@ -28,6 +28,8 @@ PINNED = {
     "coop+lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "maple+lamm": {"base2novel": (4, 0.0035, 5, 1, {}), "cross": (4, 0.0035, 5, 1, {})},
 }
+for _pinned in PINNED.values():  # no released few-shot config of their own: the base2novel one
+    _pinned.setdefault("fewshot", _pinned["base2novel"])
 ON_IMAGENET = {"coop": {"epochs": 50}, "mma": {"batch_size": 128}}
 
 
