@@ -145,7 +145,7 @@ MUTATIONS = [
              "return nn.parallel.DistributedDataParallel(step, device_ids=ids)", "return step",
              ("tests/test_ddp.py",), "each rank trains on its own, gradients never averaged"),
     Mutation("schedule-not-applied", "fastprompt/training.py",
-             'group["lr"] = lrs[-1]', "pass",
+             'group["lr"] = lr', "pass",
              ("tests/test_training_loop.py",), "the optimiser keeps the base rate (no warm-up, no cosine)"),
     Mutation("sgd-momentum-weight-decay-swapped", "fastprompt/optim.py",
              "momentum=recipe.momentum,\n                           weight_decay=recipe.weight_decay)",
