@@ -265,12 +265,14 @@ def _run_epoch(step_fn, trainer: Trainer, scaler, loader, epoch: int, progress=N
     env, plan, optimizer = trainer.env, trainer.plan, trainer.optimizer
     n_steps = plan.steps(epoch)
     shown, terminal = env.progress and env.main, sys.stderr.isatty()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False, total=n_steps,
+    # a bar updated by hand: wrapping the loader would make tqdm.auto iterate it twice (its
+    # asyncio class calls iter() once more), moving the loader's generator, i.e. the data stream
+    bar = tqdm(desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False, total=n_steps,
                disable=not (shown and terminal))
     lines = progress if shown and not terminal else None  # a log file: a line every few seconds
     meter = EpochMeter(env.device)
     due = meter.t0 + PROGRESS_EVERY_S
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels) in enumerate(loader):
         if step == n_steps:  # the step budget ends inside this epoch
             break
         meter.lrs.append(trainer.set_lr(step))
@@ -285,6 +287,7 @@ def _run_epoch(step_fn, trainer: Trainer, scaler, loader, epoch: int, progress=N
         meter.add(loss, logits, labels)
         now = time.perf_counter()
         line_due = lines is not None and now >= due and step + 1 < n_steps
+        bar.update()
         if step + 1 - meter.checked >= SYNC_EVERY or step + 1 == n_steps or line_due:
             loss_now, acc_now, rate = meter.check(epoch, step + 1, trainer.run_dir)
             bar.set_postfix(loss=f"{loss_now:.3f}", acc=f"{acc_now:.1f}", img_s=f"{rate:.1f}")
@@ -294,4 +297,5 @@ def _run_epoch(step_fn, trainer: Trainer, scaler, loader, epoch: int, progress=N
                       f"{loss_now:.4f}  acc {acc_now:.1f}%  {rate:.1f} img/s  ~{left:.0f} s left "
                       f"in this epoch")
                 due = now + PROGRESS_EVERY_S
+    bar.close()
     return meter.result(env.device)
