@@ -28,7 +28,7 @@ from fake_tensorrt import Severity, State  # noqa: E402
 from fastprompt.errors import ExportError  # noqa: E402
 from fastprompt.export import __main__ as export_cli  # noqa: E402
 from fastprompt.export import engine as fp_engine  # noqa: E402
-from fastprompt.export import runners  # noqa: E402
+from fastprompt.export import export_onnx, runners  # noqa: E402
 from fastprompt.export import tensorrt as fp_trt  # noqa: E402
 from fastprompt.export.runners import RunnerError  # noqa: E402
 
@@ -45,6 +45,17 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     return fp.save(perturb(fp.create("coop", tiny_clip(), CLASSNAMES), seed=0),
                    tmp_path_factory.mktemp("runs") / "coop")
+
+
+@pytest.fixture(scope="module")
+def coop_onnx(run_dir, tmp_path_factory):
+    """The run exported once, for the tests that build engines with build_engine directly."""
+    out = tmp_path_factory.mktemp("onnx") / "coop.onnx"
+    return export_onnx(run_dir, out, log=lambda *_: None).path
+
+
+def build(onnx_path, plan, log=lambda *_: None):
+    return fp_trt.build_engine(onnx_path, plan, (2, 3, 4), fp16=False, log=log)
 
 
 class CpuEngine:
@@ -97,9 +108,10 @@ def test_checked_engine_is_moved_into_place_after_its_check(run_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("failure", ["check", "runner"])
-def test_rejected_engine_leaves_the_deployed_one(failure, run_dir, tmp_path, cpu_engine, capsys):
+def test_rejected_engine_leaves_the_deployed_one(failure, run_dir, coop_onnx, tmp_path, cpu_engine,
+                                                 capsys):
     out = tmp_path / "m.plan"
-    export(run_dir, out)
+    build(coop_onnx, out)  # the engine deployed before
     before = out.read_bytes(), (tmp_path / "m.plan.json").read_bytes()
     if failure == "check":
         CpuEngine.error = 0.5
@@ -120,9 +132,9 @@ def test_rejected_engine_leaves_the_deployed_one(failure, run_dir, tmp_path, cpu
         runners.open_runner(rejected)  # what predict opens: refused
 
 
-def test_interrupted_export_leaves_no_files(run_dir, tmp_path, cpu_engine):
+def test_interrupted_export_leaves_no_files(run_dir, coop_onnx, tmp_path, cpu_engine):
     out = tmp_path / "m.plan"
-    export(run_dir, out)
+    build(coop_onnx, out)  # the engine deployed before
     before = out.read_bytes()
     CpuEngine.fail = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
@@ -174,7 +186,7 @@ def test_build_and_load_report_nullptr_in_one_line(run_dir, tmp_path, trt, cpu_e
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "create its Builder" in err, err
     assert not (tmp_path / "m.plan").exists() and not (tmp_path / "m.plan.json").exists()
     State.fail = None
-    export(run_dir, tmp_path / "m.plan")
+    build(tmp_path / "m.onnx", tmp_path / "m.plan")
     State.fail = "Runtime"
     with pytest.raises(fp_engine.TensorRTUnavailable, match="create its Runtime"):
         runners.TensorRTRunner(tmp_path / "m.plan")
@@ -345,9 +357,9 @@ def test_fp32_reference_restores_the_legacy_flags(monkeypatch):
 
 
 # ----------------------------------------------------------- 4. the runner keeps its device index
-def test_runner_is_bound_to_its_device_index(run_dir, tmp_path, cpu_engine, monkeypatch):
+def test_runner_is_bound_to_its_device_index(coop_onnx, tmp_path, trt):
     out = tmp_path / "m.plan"
-    export(run_dir, out)
+    build(coop_onnx, out)
     meta = json.loads((tmp_path / "m.plan.json").read_text())
     meta["gpu"] = State.devices[1]  # built on device 1 (both fake devices share the capability)
     (tmp_path / "m.plan.json").write_text(json.dumps(meta))
@@ -394,10 +406,10 @@ def test_engine_checks_on_load(tmp_path, trt):
         runners.TensorRTRunner(tmp_path / "m.plan")
 
 
-def test_timing_cache_from_another_gpu_is_replaced_quietly(run_dir, tmp_path, cpu_engine):
+def test_timing_cache_from_another_gpu_is_replaced_quietly(coop_onnx, tmp_path, trt):
     out, cache = tmp_path / "m.plan", tmp_path / "m.timing.cache"
     lines = []
-    fp_trt.export_tensorrt(run_dir, out, batch=(2, 3, 4), fp16=False, log=lines.append)
+    build(coop_onnx, out, log=lines.append)
     mine = cache.read_bytes()
     assert mine == b"timings:" + State.device_key()
     assert not any("written on another GPU" in ln for ln in lines)  # there was none
@@ -405,7 +417,7 @@ def test_timing_cache_from_another_gpu_is_replaced_quietly(run_dir, tmp_path, cp
         cache.write_bytes(blob)
         lines.clear()
         fake_tensorrt.Logger.printed = []
-        fp_trt.export_tensorrt(run_dir, out, batch=(2, 3, 4), fp16=False, log=lines.append)
+        build(coop_onnx, out, log=lines.append)
         assert [m for s, m in fake_tensorrt.Logger.printed if s <= Severity.ERROR] == []
         assert any("written on another GPU or TensorRT version" in ln for ln in lines), lines
         assert cache.read_bytes() == mine  # this GPU's timings now
