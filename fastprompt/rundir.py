@@ -10,7 +10,7 @@ never lose the old run to a new one that did not finish.
     and the folders it created are removed: a failed run leaves no empty or half-made folder.
   - with `overwrite` over an existing run: `out/.fastprompt-new`, beside the old run, which stays
     whole until the block ends well; then the new run's files replace the old run's
-    (`_commit`: Ctrl-C and SIGTERM deferred for those few renames; interrupted by a crash, it is
+    (`_swap_in`: Ctrl-C and SIGTERM deferred for those few renames; interrupted by a crash, it is
     finished by the next `open_run_dir` on `out`). If the block fails, the new files are dropped
     and the old run is left as it was. Files in `out` that are not run files are never touched.
 * `RunLock`: an exclusive `fcntl.flock` on `<out>/.fastprompt.lock`, which records the owner's pid,

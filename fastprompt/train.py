@@ -236,8 +236,8 @@ def run_cli(body) -> int:
     expected failures become one line on stderr, Ctrl-C says how to resume."""
     from .cli import run_cli as handle
 
-    return handle(body, interrupted="interrupted: the last finished epoch is saved; --resume "
-                                    "continues")
+    return handle(body, interrupted="interrupted: the last finished epoch is saved (--resume "
+                                    "continues; an --overwrite keeps the old run instead)")
 
 
 def _warn(message: str) -> None:
