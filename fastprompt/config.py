@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,11 @@ class TrainConfig:
     out: str | None = None              # None: runs/DATASET/METHOD/seedN
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("data_root", "out", "pretrained"):  # a pathlib.Path is as good as its text
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
     # ------------------------------------------------------------------ derived values
     @property

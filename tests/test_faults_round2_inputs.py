@@ -118,6 +118,8 @@ def test_library_configs_of_the_wrong_type_are_one_line(field, value, needle, tm
     with pytest.raises(InputError, match=needle):
         fp.fit(config)
     assert not (tmp_path / "r").exists()
+    paths = fp.TrainConfig(out=tmp_path / "r", data_root=tmp_path).validate()  # Paths are fine
+    assert (paths.out, paths.data_root) == (str(tmp_path / "r"), str(tmp_path))
 
 
 # ------------------------------------------------------------------- backbone weight files
