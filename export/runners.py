@@ -16,18 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprompt.errors import ExportError, FastpromptError, first_line
+from fastprompt.errors import ExportError, RunnerError, first_line  # noqa: F401 (RunnerError: as before)
 
 from .model import read_metadata
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs it (NvInferRuntime.h, TRT 10/11)
-
-
-class RunnerError(FastpromptError, RuntimeError):
-    """A model failed while running (one-line reason; exit status 1 in the CLIs)."""
-
-    exit_code = 1
 
 
 def check_out_suffix(fmt: str, out) -> None:
@@ -87,7 +81,8 @@ class Runner:
     method: str = "?"
     device: str = "cpu"
 
-    def _set_meta(self, meta: dict) -> None:
+    def _set_meta(self, meta: dict, where="the model") -> None:
+        self.where = str(where)
         self.classnames = list(meta["classnames"])
         self.image_size = int(meta["image_size"])
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
@@ -99,10 +94,21 @@ class Runner:
 
     def run(self, images):
         if isinstance(images, np.ndarray):
-            return self._forward(torch.from_numpy(np.ascontiguousarray(images, np.float32))).cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+            return self._checked(self._forward(x), len(x)).cpu().numpy()
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
-        return self._forward(images.float()).to(images.device)
+        return self._checked(self._forward(images.float()), len(images)).to(images.device)
+
+    def _checked(self, out: torch.Tensor, n: int) -> torch.Tensor:
+        """The output must be [n, C] (C: the metadata's classes) for logits, [n, D] for features:
+        a file whose graph and metadata disagree would print other classes' names."""
+        if out.ndim != 2 or out.shape[0] != n or (
+                self.output == "logits" and out.shape[1] != len(self.classnames)):
+            raise ExportError(f"{self.where} gave an output of shape {list(out.shape)} for {n} "
+                              f"images, expected [{n}, {len(self.classnames)}] (its metadata names "
+                              f"{len(self.classnames)} classes): export the run again")
+        return out
 
     __call__ = run
 
@@ -149,8 +155,10 @@ class OnnxRunner(Runner):
         except Exception as err:  # onnxruntime raises its own exception types
             raise ExportError(f"cannot load {path} with onnxruntime: {first_line(err)}") from None
         self.device = device
-        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path))
+        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path), path)
         self.input = self.session.get_inputs()[0].name
+        check_graph(path, self.session.get_inputs(), self.session.get_outputs(), self.image_size,
+                    len(self.classnames) if self.output == "logits" else None)
 
     def _forward(self, images):
         try:
@@ -158,6 +166,23 @@ class OnnxRunner(Runner):
         except Exception as err:  # onnxruntime raises its own exception types
             raise RunnerError(f"onnxruntime failed: {first_line(err)}") from None
         return torch.from_numpy(out[0])
+
+
+def check_graph(path, inputs, outputs, image_size: int, classes: int | None) -> None:
+    """One image input [B, 3, S, S] (S: the metadata's image size) and one output [B, C]
+    (C: its class count, for logits), wherever the graph fixes those sizes."""
+    def fits(shape, want):
+        return shape is not None and len(shape) == len(want) and all(
+            not isinstance(d, int) or w is None or d == w for d, w in zip(shape, want))
+
+    if len(inputs) != 1 or not fits(inputs[0].shape, (None, 3, image_size, image_size)):
+        raise ExportError(f"{path} takes {[i.shape for i in inputs]}, not one image batch "
+                          f"[B, 3, {image_size}, {image_size}] as its metadata says: export the run "
+                          f"again")
+    if not outputs or not fits(outputs[0].shape, (None, classes)):
+        raise ExportError(f"{path} outputs {[o.shape for o in outputs][:2]}, not [B, "
+                          f"{classes or 'D'}] as its metadata says ({classes} classes): export the "
+                          f"run again")
 
 
 class TensorRTRunner(Runner):
@@ -184,7 +209,7 @@ class TensorRTRunner(Runner):
         meta, data = read_engine(path)
         with torch.cuda.device(self.device_index):
             check_compatible(meta, path, device_info(self.device_index))
-            self._set_meta(meta)
+            self._set_meta(meta, path)
             self._runtime = construct(trt, "Runtime", trt_logger())
             self.engine = self._runtime.deserialize_cuda_engine(data)
             if self.engine is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import BackboneError, first_line
+from .errors import BackboneError, first_line, short_repr
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -90,8 +90,13 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int =
 
     if pretrained is not None and not isinstance(pretrained, str):
         raise BackboneError(f"pretrained must be a tag or a file path, got {type(pretrained).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise BackboneError(f"seed must be an integer from 0 to 2**64-1 (torch's seeds), got "
+                            f"{short_repr(seed)}")
     if pretrained is not None and os.path.isfile(os.path.expanduser(pretrained)):
         pretrained = os.path.abspath(os.path.expanduser(pretrained))  # loadable from anywhere
+    elif pretrained is not None:
+        _refuse_special_file(pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name in TINY_NAMES:
@@ -142,7 +147,52 @@ def _create_open_clip(open_clip, name: str, pretrained: str | None, quick_gelu: 
     except RuntimeError as e:  # open_clip raises RuntimeError for weights that don't fit
         raise BackboneError(f"could not load weights '{pretrained}' into {name}: "
                             f"{first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a local file that is no weights file at all
+        if pretrained is None or not os.path.isfile(pretrained) or isinstance(e, OSError):
+            raise
+        raise _not_weights(pretrained, e) from None
     return model, open_clip.get_tokenizer(name)
+
+
+def _refuse_special_file(pretrained: str) -> None:
+    """A `pretrained` naming a FIFO, socket or device (reading a FIFO blocks until a writer
+    comes, /dev/zero never ends) is refused; tags and missing files are the loaders' business."""
+    import stat
+
+    try:
+        mode = os.stat(os.path.expanduser(pretrained)).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise BackboneError(f"pretrained {pretrained} is not a regular file (a pipe, socket or "
+                            f"device): give a weights file (.safetensors, .pt, .bin) or a tag")
+
+
+def _not_weights(path: str, err: BaseException) -> BackboneError:
+    return BackboneError(f"{path} is not a weights file ({type(err).__name__}: "
+                         f"{first_line(err)[:100]}): give a .safetensors file or a torch state dict")
+
+
+def read_weights_file(path: str) -> dict:
+    """The {name: tensor} state dict of a local .safetensors or torch file (read with
+    weights_only: nothing in it runs); BackboneError, one line, for anything else."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the unpickler's and safetensors' many error types
+        raise _not_weights(path, err) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and state and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise BackboneError(f"{path} holds {short_repr(state)}, not a state dict of named tensors: "
+                            f"give the backbone's weights file")
+    return state
 
 
 def packaged_weights(tag: str) -> str | None:
@@ -164,12 +214,7 @@ def _load_local_weights(model: nn.Module, path: str, name: str) -> None:
         raise BackboneError(f"checkpoint file not found: {path} (the tiny backbone needs a shipped "
                             f"tag such as 'shapes', a local safetensors file, or pretrained=None "
                             f"for random init)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+    state = read_weights_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackboneError(f"{path} does not fit backbone '{name}': {len(missing)} missing keys "

@@ -51,6 +51,13 @@ class ExportError(FastpromptError, ValueError):
     """Bad input for an export or a runner (missing run, unsupported method, bad metadata)."""
 
 
+class RunnerError(FastpromptError, RuntimeError):
+    """A model that failed while running, or computed NaN/inf (exit status 1); importable from
+    `fastprompt.export.runners` as well."""
+
+    exit_code = 1
+
+
 class ExportCheckError(FastpromptError, RuntimeError):
     """An exported file that does not reproduce the torch classifier (exit status 1)."""
 

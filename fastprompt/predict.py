@@ -97,6 +97,7 @@ def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_js
     import torch
 
     from fastprompt.export.runners import RunnerError
+    from fastprompt.scoring import non_finite_rows
 
     out = sys.stdout if out is None else out
     from fastprompt.data import test_transform
@@ -108,7 +109,7 @@ def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_js
         if runner.device == "cuda":
             x = x.cuda()
         logits = runner.run(x).float().cpu()
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        bad = non_finite_rows(logits)
         if bad:
             raise RunnerError(f"the model's output for {names[bad[0]]} holds NaN/inf: the model is "
                               f"broken; train or export it again")

@@ -74,17 +74,20 @@ def parser() -> argparse.ArgumentParser:
                         "the original-style baseline")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the training step eagerly instead of replaying a captured CUDA graph")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--workers", type=int, default=None,
-                   help="data loader worker processes (default: 4 on CUDA, 0 on the CPU)")
+                   help="data loader worker processes (default: 4 on CUDA, 0 on the CPU; at most "
+                        "the CPUs this process may use)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="unreadable images: skip them (counted) or stop")
     p.add_argument("--out", default=None, help="run directory (default runs/DATASET/METHOD/seedN)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its files are deleted first)")
+                   help="replace the run already in --out: the new run is built beside it and "
+                        "replaces it when it is done (interrupted, the old run stays)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the run in --run")
     p.add_argument("--run", default=None, help="run directory for --eval-only")
     p.add_argument("--eval-datasets", default=None, help="comma-separated datasets to also test on")
@@ -126,26 +129,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def read_config_file(path: Path) -> dict:
     """The mapping of a YAML/JSON recipe file (ConfigError, one line, if it cannot be read)."""
+    from .readers import load_yaml, loads
+
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            conf = yaml.safe_load(text)
-        else:
-            conf = json.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text: give a YAML or JSON file") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError
-        raise ConfigError(f"{path} is not valid JSON: {first_line(err)}") from None
-    except Exception as err:  # noqa: BLE001 - yaml.YAMLError and its subclasses
-        if type(err).__module__.split(".")[0] != "yaml":
-            raise
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: "
-                          f"{getattr(err, 'problem', None) or first_line(err)}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            conf = load_yaml(text)  # no aliases: a few bytes of them could expand without end
+        except ValueError as err:
+            raise ConfigError(f"{path} is {first_line(err)}") from None
+    else:
+        try:
+            conf = loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{path} is not valid JSON: {first_line(err)}") from None
     if conf is None:
         return {}
     if not isinstance(conf, dict):
@@ -183,7 +184,7 @@ def _option_text(value) -> str:
         return "none"
     if isinstance(value, (int, float, str)):
         return str(value)
-    return json.dumps(value)  # a list or mapping: no option takes one, from_options says so
+    return json.dumps(value, default=str)  # a list or mapping: no option takes one, from_options says so
 
 
 def _apply_config(parser, args, argv) -> None:
@@ -238,8 +239,8 @@ def run_cli(body) -> int:
     expected failures become one line on stderr, Ctrl-C says how to resume."""
     from .cli import run_cli as handle
 
-    return handle(body, interrupted="interrupted: the last finished epoch is saved; --resume "
-                                    "continues")
+    return handle(body, interrupted="interrupted: the last finished epoch is saved (--resume "
+                                    "continues; an --overwrite keeps the old run instead)")
 
 
 def _warn(message: str) -> None:
@@ -263,7 +264,7 @@ def run(args) -> int:
     if args.eval_only:
         if not args.run:
             raise InputError("--eval-only needs --run RUN_DIR")
-        metrics = evaluate(args.run, config, log=_say)
+        metrics = evaluate(args.run, config, log=_say, warn=_warn)
     else:
         metrics = fit(config, log=_say, warn=_warn, progress=_say)
     if metrics is None:  # a non-main DDP rank

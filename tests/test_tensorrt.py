@@ -360,7 +360,8 @@ def test_export_cli_refuses_unopenable_out(fmt, name, tmp_path, capsys):
 
 
 def test_predict_runner_failure_is_one_line(graphs, tmp_path, capsys):
-    """An ONNX file whose metadata promises 16 px images to a 32 px graph fails in onnxruntime."""
+    """An ONNX file whose metadata promises 16 px images to a 32 px graph: refused on opening,
+    as a bad file (exit 2; it failed inside onnxruntime, exit 1, before the graph was checked)."""
     from PIL import Image
 
     bad = onnx.ModelProto.FromString(graphs["maple"].SerializeToString())
@@ -369,7 +370,7 @@ def test_predict_runner_failure_is_one_line(graphs, tmp_path, capsys):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
     rc = predict_cli.main(["--model", str(tmp_path / "bad.onnx"), str(tmp_path / "a.png")])
     err = capsys.readouterr().err
-    assert rc == 1 and len(err.strip().splitlines()) == 1 and "onnxruntime failed" in err, err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "[B, 3, 16, 16] as its metadata" in err, err
     assert "Traceback" not in err
 
 

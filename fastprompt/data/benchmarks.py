@@ -22,12 +22,13 @@ never written: CoOp's ``split_fewshot/`` caches and ImageNet's ``preprocessed.pk
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import defaultdict
 from typing import NamedTuple
 
+from ..errors import first_line
+from ..readers import ascii_int, loads
 from .folder import class_dirs, read_class_tree
 from .protocol import DataError, DatasetSplits, Datum
 
@@ -161,11 +162,11 @@ def _load_split_json(name: str, spec: Spec, root) -> DatasetSplits:
         raise DataError(f"split file not found: {path} — download {spec.split_file} from the link "
                         f"in CoOp's DATASETS.md ({COOP_DOC}) into {dataset_dir}, or use --dataset folder")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read split file {path}: {err} — re-download "
-                        f"{spec.split_file} ({COOP_DOC})") from err
+        with open(path, "rb") as f:
+            raw = loads(f.read())
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON, nested too deeply
+        raise DataError(f"cannot read split file {path}: {first_line(err)} — re-download "
+                        f"{spec.split_file} ({COOP_DOC})") from None
     splits: dict[str, list[Datum]] = {}
     for split in ("train", "val", "test"):
         entries = raw.get(split) if isinstance(raw, dict) else None
@@ -174,11 +175,11 @@ def _load_split_json(name: str, spec: Spec, root) -> DatasetSplits:
                             f'{{"train": [[path, label, classname], ...], "val": ..., "test": ...}}')
         items = []
         for i, e in enumerate(entries):
-            if not (isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], str)
-                    and isinstance(e[2], str) and str(e[1]).lstrip("-").isdigit()):
+            label = ascii_int(e[1]) if isinstance(e, (list, tuple)) and len(e) == 3 else None
+            if label is None or not (isinstance(e[0], str) and isinstance(e[2], str)):
                 raise DataError(f"split file {path}: entry {i} of '{split}' is {str(e)[:80]} — "
                                 f"expected [relative_image_path, label, classname]")
-            items.append(Datum(os.path.join(image_dir, e[0]), int(e[1]), e[2]))
+            items.append(Datum(os.path.join(image_dir, e[0]), label, e[2]))
         splits[split] = items
     everything = splits["train"] + splits["val"] + splits["test"]
     classnames = _classnames(everything, path, spec.renames)
@@ -250,8 +251,9 @@ def _load_imagenet_family(name: str, spec: Spec, root) -> DatasetSplits:
     folders = class_dirs(trees[0])  # ImageNet: the train wnids define the labels
     if name == "imagenetv2":  # folders "0".."999" index classnames.txt
         classnames = list(wnid_names.values())
-        bad = [f for f in folders if not (f.isdigit() and int(f) < len(classnames))]
-        label_of = {f: int(f) for f in folders if f not in bad}
+        label_of = {f: y for f in folders
+                    if (y := ascii_int(f)) is not None and 0 <= y < len(classnames)}
+        bad = [f for f in folders if f not in label_of]
     else:
         bad = [f for f in folders if f not in wnid_names]
         classnames = [wnid_names[f] for f in folders if f not in bad]

@@ -73,7 +73,8 @@ def _sample_per_label(rng: random.Random, items: list[Datum], k: int) -> list[Da
     return out
 
 
-def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> DatasetSplits:
+def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1,
+             strict: bool = True) -> DatasetSplits:
     """K images per class for train, ``min(K, 4)`` per class for val; test is left untouched.
 
     The draw is Dassl's (dassl/data/datasets/base_dataset.py, called by CoOp's datasets/*.py after
@@ -83,13 +84,14 @@ def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> Dataset
     A class with fewer than K training images is an error here (Dassl would silently keep the
     fewer images); a class with fewer than ``min(K, 4)`` validation images keeps all it has, as in
     Dassl. A dataset without training images (the test-only ImageNet variants) is returned as it is.
+    `strict=False` (a run that trains nothing, e.g. zero-shot CLIP) lets a class keep fewer.
     """
     if shots is None or shots < 1 or not d.train:
         return d
     train_groups = _by_label(d.train)
     short = [(len(train_groups.get(y, [])), y) for y in range(d.num_classes)
              if len(train_groups.get(y, [])) < shots]
-    if short:
+    if short and strict:
         have, y = min(short)
         raise DataError(
             f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but --shots {shots} "

@@ -91,6 +91,9 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
         raise OriginalCheckpointError(f"{file} holds no 'state_dict': not a checkpoint of the original trainers")
     layout, sd = _layout(method), {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise OriginalCheckpointError(f"{file}: state-dict key {short_repr(key)} is not a "
+                                          f"string: not a checkpoint of the original trainers")
         if not isinstance(value, torch.Tensor):
             raise OriginalCheckpointError(f"checkpoint key {short_repr(key)} is not a tensor "
                                           f"({short_repr(value)})")

@@ -109,12 +109,20 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
     if config is None:
         return {}, []
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
-        import yaml
         from pathlib import Path
+
+        from ..readers import load_yaml
         path = Path(config)
         if not path.is_file():
             raise err(f"original config file not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise err(f"original config {path} is not UTF-8 text: give the trainer's YAML") from None
+        try:
+            config = load_yaml(text) or {}
+        except ValueError as e:  # not YAML, or aliases (which could expand without end)
+            raise err(f"original config {path} is {e}") from None
     if not isinstance(config, dict):
         raise err(f"config must be a mapping or a YAML path, got {type(config).__name__}")
     flat: dict = {}
