@@ -100,8 +100,6 @@ def _prepare(config: TrainConfig, env, recipe) -> dict:
     split_options(config.method, options)  # option names and values, before the backbone loads
     clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
                      quick_gelu=config.quick_gelu)
-    if config.resume:  # read only: --out is not touched yet
-        check_resumed_backbone(Path(config.run_dir), clip)
     torch.manual_seed(config.seed)  # the learnable parameters' init follows the seed (Dassl's rule)
     model = create(config.method, clip, base.classnames, **options)
     if config.plain:
@@ -122,6 +120,7 @@ def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, wor
     if config.resume:
         settings = {**dataclasses.asdict(config), "dataset": dataset, "shots": recipe.shots}
         check_resume(out, {k: settings[k] for k in RESUME_KEYS})
+        check_resumed_backbone(out, clip)
     if env.main:
         _check_split(work, {"train": _split_record(base.train), "val": _split_record(base.val)},
                      config.resume)
