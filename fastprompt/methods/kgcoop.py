@@ -71,7 +71,12 @@ class KgCoOpConfig(CoOpConfig):
     teacher_template: str = DEFAULT_TEMPLATE  # the dataset's hand-written prompt
 
     def __post_init__(self):
-        check_template(self.teacher_template)
+        from ..errors import InputError
+
+        try:
+            check_template(self.teacher_template)
+        except ValueError as e:
+            raise InputError(f"option 'teacher_template': {e}") from None
 
 
 # ---------------------------------------------------------------------- original checkpoints

@@ -116,9 +116,11 @@ class PromptSRCConfig(IVLPConfig):
     gpa_std: float = 1.0          # GPA_STD
 
     def __post_init__(self):
-        if not self.gpa_std > 0:
-            raise ValueError(f"gpa_std={self.gpa_std} must be > 0 (the Gaussian's standard deviation "
-                             f"over epochs)")
+        from ..errors import InputError
+
+        if not 0 < self.gpa_std < float("inf") or not abs(self.gpa_mean) < float("inf"):
+            raise InputError(f"gpa_mean={self.gpa_mean}, gpa_std={self.gpa_std}: GPA's Gaussian over "
+                             f"epochs needs a finite mean and a standard deviation > 0")
 
 
 def _promptsrc_options(layout, sd, cfg, n_classes, notes) -> dict:
