@@ -28,7 +28,7 @@ PINNED = {
     "coop+lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "maple+lamm": {"base2novel": (4, 0.0035, 5, 1, {}), "cross": (4, 0.0035, 5, 1, {})},
     # GPA's mean and std by protocol; few-shot on DTD: the yaml's second group (45 / 5)
-    "promptsrc": {"base2novel": (4, 0.0025, 20, 1, {}),
+    "promptsrc": {"base2novel": (4, 0.0025, 20, 1, {"gpa_mean": 15.0, "gpa_std": 1.0}),
                   "cross": (4, 0.0025, 20, 1, {"depth": 3, "gpa_mean": 6.0, "gpa_std": 10.0}),
                   "fewshot": (4, 0.0025, 50, 1, {"gpa_mean": 45.0, "gpa_std": 5.0})},
     "kgcoop": {"base2novel": (128, 0.002, 100, 1, {}), "cross": (128, 0.002, 100, 1, {})},

@@ -47,6 +47,7 @@ CARDS = {
                  "over epochs (PromptSRC)",
         "recipes": {
             "base2novel": {"batch_size": 4, "lr": 0.0025, "epochs": 20,
+                           "options": {"gpa_mean": 15.0, "gpa_std": 1.0},
                            "source": "PromptSRC configs/trainers/PromptSRC/"
                                      "vit_b16_c2_ep20_batch4_4+4ctx.yaml"},
             "cross": {"batch_size": 4, "lr": 0.0025, "epochs": 20,
@@ -155,6 +156,11 @@ class PromptSRC(IVLP):
         """t0 before normalisation: the mean over the 60 templates of the frozen text features."""
         return self.frozen_text_features(TEACHER_TEMPLATES)
 
+    def teacher_image(self, images: torch.Tensor) -> torch.Tensor:
+        """v0 before normalisation: the image tower with the slots off (the released code runs a
+        second, prompt-free copy of the tower, `ZS_image_encoder`: the same numbers)."""
+        return self.backbone.encode_image(images, NO_HOOKS, self.opts)
+
     def loss_terms(self, images: torch.Tensor, labels: torch.Tensor):
         """({"ce", "text_l1", "image_l1", "kl"}: the released terms, weights applied; the
         prompted logits z)."""
@@ -163,7 +169,7 @@ class PromptSRC(IVLP):
         logits = self.logits_from(image, text)
         with torch.no_grad():  # the frozen model on the same (augmented) batch
             text0 = F.normalize(self.teacher_text(), dim=-1)
-            image0 = F.normalize(self.backbone.encode_image(images, NO_HOOKS, self.opts), dim=-1)
+            image0 = F.normalize(self.teacher_image(images), dim=-1)
             logits0 = self.logits_from(image0, text0)
         kl = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(logits0, dim=1), reduction="sum",
                       log_target=True) / logits.numel()
