@@ -198,13 +198,17 @@ def _announce(config: TrainConfig, recipe, clip, env, out, base, novel, options,
 def method_options(config: TrainConfig, recipe) -> dict:
     """The method's options: the recipe's, then the config's; a method with a `shots` option
     (LAMM's parameter-term weight) gets the run's shots; one with `templates` (zero-shot) the
-    dataset's CoOp prompt, or the config's template / ensemble."""
+    dataset's CoOp prompt, or the config's template / ensemble; and what the method takes from the
+    dataset (`Method.dataset_options`: KgCoOp's teacher prompt) unless given."""
     from .api import method_class
     from .errors import InputError
     from .recipes import zero_shot_templates
 
     options = {**recipe.options, **config.options}
-    fields = {f.name for f in dataclasses.fields(method_class(config.method).Config)}
+    cls = method_class(config.method)
+    for key, value in cls.dataset_options(_canonical(config.dataset_name)).items():
+        options.setdefault(key, value)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
     if "shots" in fields:
         options.setdefault("shots", recipe.shots)
     if "templates" in fields:

@@ -48,8 +48,9 @@ class GraphedStep:
     """The step's forward and backward captured once as CUDA graphs and replayed
     (torch.cuda.make_graphed_callables): the same kernels, without a CPU launch per op, which is
     what bounds small-batch prompt tuning on a GPU. Exact. Needs fixed batch shapes (training
-    batches are, the loader drops the partial last one) and one process; a batch of another shape
-    runs eagerly, and a capture that fails falls back to eager with a message."""
+    batches are: the loader drops the partial last one, or there is one batch) and one process;
+    a batch of another shape runs eagerly, and a capture that fails falls back to eager with a
+    message."""
 
     def __init__(self, module: nn.Module, env: "TrainEnv", log=print):
         self.module, self.env, self.log = module, env, log
@@ -126,9 +127,10 @@ class Trainer:
         self.dataset = ImageDataset(data, train_transform(model.clip.image_size, model.clip.mean,
                                                           model.clip.std, scale=recipe.crop_scale),
                                     on_error=env.on_error, image_size=model.clip.image_size)
-        if len(self.dataset) < recipe.batch_size * env.world_size:
+        if not len(self.dataset) or (env.world_size > 1
+                                     and len(self.dataset) < recipe.batch_size * env.world_size):
             raise TrainingError(f"{len(self.dataset)} training images are fewer than one batch of "
-                                f"{recipe.batch_size}: lower --batch-size or raise --shots")
+                                f"{recipe.batch_size} per process: lower --batch-size or raise --shots")
         per_epoch = len(_loader(self.dataset, recipe.batch_size, env, 0))
         self.plan = Plan(recipe, per_epoch, recipe.total_epochs(per_epoch), recipe.total_steps(per_epoch))
         if resume:
@@ -216,8 +218,10 @@ def _loader(dataset, batch_size: int, env: TrainEnv, epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
         return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, generator=g,
                           **loader_kwargs(env.device, env.workers))
-    return DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=g,
-                      **loader_kwargs(env.device, env.workers))
+    # Dassl's rule (build_data_loader): the partial last batch is dropped only when the set holds
+    # a full one; fewer images than a batch train as one smaller batch (KgCoOp's 128 on EuroSAT)
+    return DataLoader(dataset, batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                      generator=g, **loader_kwargs(env.device, env.workers))
 
 
 class EpochMeter:

@@ -29,6 +29,8 @@ def expected_tiny_count(method, n_classes=len(CLASSNAMES)):
         "lamm": n_classes * 1 * dt,
         "coop+lamm": coop + n_classes * dt,
         "maple+lamm": maple + n_classes * dt,
+        "promptsrc": 4 * dt + 8 * 4 * dt + 9 * 4 * dv,  # n_ctx 4, depth 9 in both towers
+        "kgcoop": coop,
     }[method]
 
 

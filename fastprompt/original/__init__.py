@@ -1,4 +1,5 @@
-"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM) in and out of fastprompt.
+"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, PromptSRC, KgCoOp) in
+and out of fastprompt.
 
     model = load_original("maple", "output/base2new/.../seed1", clip, classnames)
     sd = original_state_dict(model)   # {"prompt_learner.ctx": model.ctx, ...} (live tensors)
@@ -105,9 +106,10 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
 def load_original(method: str, path, clip, classnames, config=None):
     """A fastprompt model computing what the original code computes with these tensors.
 
-    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp or mma (fastprompt names;
-    a MaPLe+LAMM checkpoint of the released code is imported with its label layout,
-    `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's `shots`).
+    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp, mma, promptsrc or kgcoop
+    (fastprompt names; a MaPLe+LAMM checkpoint of the released code is imported with its label
+    layout, `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's
+    `shots`).
     path: a checkpoint file or an original output directory (newest epoch is taken).
     config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
     """
@@ -213,8 +215,9 @@ def save_original(model, output_dir, epoch: int = 1) -> Path:
     holding {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} with the original keys
     (the original `load_model` reads it with strict=False, as it does its own files)."""
     layout = _layout(model.name)
+    tensors = {**original_state_dict(model), **(layout.markers(model) if layout.markers else {})}
     state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
-                        for k, v in original_state_dict(model).items())
+                        for k, v in tensors.items())
     folder = Path(output_dir) / layout.registered
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model.pth.tar-{epoch}"

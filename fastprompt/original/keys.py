@@ -42,7 +42,9 @@ class Layout:
     #: warnings to notes, raises OriginalCheckpointError (`err`) on a mismatch
     options: Callable
     known: frozenset = frozenset()  # config names read in TRAINER.<section>
-    flags: frozenset = frozenset()  # top-level config names read (LAMM's command-line flags)
+    #: other config names read, in full (LAMM's top-level command-line flags; KgCoOp's
+    #: DATASET.NAME, which picks its teacher prompt)
+    flags: frozenset = frozenset()
     #: what `detect` calls a checkpoint of this layout (methods sharing a format share a kind)
     kind: str = ""
     #: sorted file keys -> the key that tells this kind, or None; None: another layout of the
@@ -53,6 +55,10 @@ class Layout:
     ignored_prefixes: tuple = ()
     #: parameters the method keeps frozen at their initial value: the file must hold exactly it
     frozen: frozenset = field(default_factory=frozenset)
+    #: model -> {full original name: tensor}: frozen tensors the original file also holds that tell
+    #: it from a related format (PromptSRC's prompt-free image tower, KgCoOp's unused
+    #: `bias_vectors`); `save_original` writes them, the importer skips them (`ignored...`)
+    markers: Callable | None = None
 
 
 #: PREC is accepted in every section and not used (fastprompt computes in fp32 or the precision
@@ -100,7 +106,7 @@ def detect(layouts, keys) -> tuple[str, str] | None:
 
 def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[dict, list[str]]:
     """The original config (mapping, nested or dotted, or a YAML path) as {NAME: value} for
-    this layout's section (plus its top-level flags), and the names ignored as unknown.
+    this layout's section (plus its `flags`, by full name), and the names ignored as unknown.
 
     Unknown names are ignored with a warning (the caller's), not refused: original configs
     carry many names that do not concern the tensors. Sections that cannot matter (DATALOADER,
@@ -142,7 +148,9 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
         if key == "MODEL.BACKBONE.NAME" and clip_name and str(value).replace("/", "-") != clip_name:
             unknown.append(f"{key}={value} (the backbone given is {clip_name})")
         ours = len(parts) == 1 or parts[:2] == ["TRAINER", layout.section] and len(parts) == 3
-        if ours and (parts[-1] in known or key in layout.flags):
+        if key in layout.flags:
+            out[key] = value
+        elif ours and parts[-1] in known:
             out[parts[-1]] = value
         elif parts[0] not in SILENT and key not in SILENT:
             unknown.append(key)
