@@ -26,6 +26,10 @@ from .options import FLOAT32_MAX
 DEFAULT_DATASET = "shapes_colour"
 #: weights of `model="tiny"` when `pretrained` is not given (fastprompt/weights/tiny-shapes.*)
 TINY_DEFAULT_WEIGHTS = "shapes"
+#: `pretrained` meaning "the model's default weights" (`load_clip`'s default; see resolve_weights)
+DEFAULT_WEIGHTS = "default"
+#: `pretrained` values that ask for a random-init backbone (besides None in `load_clip`)
+RANDOM_INIT = ("none", "random")
 #: the largest seed accepted (seeds also feed NumPy generators, which need 0 <= seed < 2**32)
 MAX_SEED = 2**32 - 1
 #: recipe fields a config file may set besides batch size, lr and epochs, with their lower bound
@@ -35,6 +39,17 @@ RECIPE_LIMITS = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentu
                  "iterations_per_shot": (0, False)}
 #: what --device accepts (an index: cuda:0, cuda:1, ...)
 DEVICES = re.compile(r"cpu|cuda(:[0-9]{1,4})?")
+
+
+def resolve_weights(model: str, pretrained: str | None) -> str | None:
+    """The weights `pretrained` names for backbone `model`; None is random init. "default" is the
+    model's default: the shipped "shapes" for `tiny`, random init for any other (none is offline);
+    None, "none" and "random" ask for random init; anything else is a tag or a file, kept."""
+    if pretrained is None or pretrained.lower() in RANDOM_INIT:
+        return None
+    if pretrained == DEFAULT_WEIGHTS:
+        return TINY_DEFAULT_WEIGHTS if model == "tiny" else None
+    return pretrained
 
 
 @dataclass
@@ -103,9 +118,7 @@ class TrainConfig:
     @property
     def weights(self) -> str | None:
         """The `pretrained` argument of `load_clip`: None means random init."""
-        if self.pretrained is None:
-            return TINY_DEFAULT_WEIGHTS if self.model == "tiny" else None
-        return None if self.pretrained.lower() in ("none", "random") else self.pretrained
+        return resolve_weights(self.model, DEFAULT_WEIGHTS if self.pretrained is None else self.pretrained)
 
     @property
     def run_dir(self) -> str:

@@ -40,6 +40,7 @@ def fit(config: TrainConfig, log=None, warn=None, progress=None) -> dict | None:
     but will disappoint (`fastprompt.runlog.walls`), `progress` a line every few seconds while an
     epoch runs outside a terminal (default: silent)."""
     from .api import method_class
+    from .clip import check_weights
     from .recipes import recipe_for
     from .rundir import open_run_dir
     from .runtime import runtime_env
@@ -48,6 +49,7 @@ def fit(config: TrainConfig, log=None, warn=None, progress=None) -> dict | None:
     config.validate()
     hooks = {"log": log or _quiet, "warn": warn or _quiet, "progress": progress}
     method_class(config.method)  # unknown method: fail before loading anything
+    check_weights(config.model, config.weights)  # in seconds, before the run directory is touched
     env = runtime_env(config)
     recipe = recipe_for(config.method, _canonical(config.dataset_name), protocol(config),
                         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
