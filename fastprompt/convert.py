@@ -123,8 +123,10 @@ def convert(args) -> tuple:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OriginalCheckpointWarning)
         model = load_original(method, file, clip, classnames, config=args.original_config)
+    from .cli import warning
+
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        warning(w.message)
     extra["original"] = {"method": method, "checkpoint": os.path.abspath(file),
                          "config": os.path.abspath(args.original_config) if args.original_config
                          else None}

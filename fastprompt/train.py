@@ -244,7 +244,9 @@ def run_cli(body) -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    from .cli import warning
+
+    warning(message)
 
 
 def _say(line: str) -> None:
