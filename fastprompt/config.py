@@ -19,7 +19,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from .errors import InputError, short_repr
+from .errors import InputError, setting, short_repr
 from .options import FLOAT32_MAX
 
 #: the built-in generated dataset of a run without --dataset (fastprompt.data.generated)
@@ -126,9 +126,11 @@ class TrainConfig:
 
     def validate(self, recipe_source: str | None = None) -> "TrainConfig":
         """Refuse numbers and choices that would train nonsense (InputError, one line naming the
-        setting by its command-line flag; recipe fields by the file they came from, if given)."""
+        setting by its command-line flag and field name; recipe fields by the file they came
+        from, if given)."""
         def bad(flag, want, value):
-            raise InputError(f"{flag} must be {want}, got {short_repr(value)}")
+            raise InputError(f"{setting(flag) if flag.startswith('--') else flag} must be {want}, "
+                             f"got {short_repr(value)}")
 
         self._check_types()
         for flag, value in (("--seed", self.seed), ("--backbone-seed", self.backbone_seed)):
@@ -153,7 +155,8 @@ class TrainConfig:
             if value not in choices:
                 bad(flag, "one of " + ", ".join(str(c) for c in choices if c is not None), value)
         if self.resume and self.overwrite:
-            raise InputError("--resume continues the run in --out and --overwrite replaces it: give one")
+            raise InputError(f"{setting('--resume')} continues the run in --out and "
+                             f"{setting('--overwrite')} replaces it: give one")
         def where(key):
             return f"'{key}' in {recipe_source}" if recipe_source else f"recipe field '{key}'"
 

@@ -202,7 +202,7 @@ def method_options(config: TrainConfig, recipe) -> dict:
     (LAMM's parameter-term weight) gets the run's shots; one with `templates` (zero-shot) the
     dataset's CoOp prompt, or the config's template / ensemble."""
     from .api import method_class
-    from .errors import InputError
+    from .errors import InputError, setting
     from .recipes import zero_shot_templates
 
     options = {**recipe.options, **config.options}
@@ -213,8 +213,8 @@ def method_options(config: TrainConfig, recipe) -> dict:
         options.setdefault("templates", zero_shot_templates(config.dataset_name, config.template,
                                                             config.ensemble))
     elif config.template or config.ensemble:
-        raise InputError(f"--template / --ensemble set the prompts of zero-shot CLIP; "
-                         f"{config.method} starts from 'a photo of a {{}}.' (see its options)")
+        raise InputError(f"{setting('--template')} / {setting('--ensemble')} set the prompts of "
+                         f"zero-shot CLIP; {config.method} starts from 'a photo of a {{}}.' (see its options)")
     return options
 
 
@@ -297,6 +297,7 @@ def evaluate(run, config: TrainConfig | None = None, log=None, warn=None, **sett
     each setting changed to run (e.g. --workers above the CPUs)."""
     from .checkpoint import load, read_config
     from .data import DataError, load_dataset, split_base_novel
+    from .errors import setting
     from .runlog import weights_text
     from .runtime import runtime_env
 
@@ -314,7 +315,8 @@ def evaluate(run, config: TrainConfig | None = None, log=None, warn=None, **sett
     evals = {name: load_dataset(name, root) for name in config.eval_datasets}
     model = load(run, device=env.device).eval()
     if novel is not None and base.classnames != model.classnames:
-        raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong --data-root?")
+        raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong "
+                        f"{setting('--data-root')}?")
     for line in env.notes:
         (warn or _quiet)(line)
     clip = model.clip
