@@ -298,3 +298,93 @@ def test_predict_cli_on_one_non_image_file_prints_one_line(saved_run):
     assert proc.stderr.splitlines() == [
         f"error: cannot read image {saved_run / 'broken.jpg'}: cannot identify image file "
         f"'{saved_run / 'broken.jpg'}'"]
+
+
+# ---------------------------------------------------------------- loose ends
+
+def test_equal_reference_lines_all_stay_visible_in_curves(tmp_path):
+    """The default run's base, novel and HM are all 58.85: each colour must show in the line
+    itself (stacked lines of different widths left the lower ones as 1-pixel rims)."""
+    import json
+
+    import numpy as np
+
+    from fastprompt.plot import make_figure
+
+    (tmp_path / "log.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "loss": 1.0, "acc": 20.0 + e, "lr": 1e-3}) + "\n" for e in (1, 2, 3)))
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "base_acc": 58.85, "novel_acc": 58.85, "hm": 58.85,
+        "zeroshot_ref": {"base_acc": 50.0, "novel_acc": 40.62, "hm": 44.83}}))
+    fig = make_figure(tmp_path)
+    ax = fig.axes[2]
+    ax.get_legend().remove()  # its samples show every colour anyway
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    _, y = ax.transData.transform((2, 58.85))
+    row = pixels.shape[0] - int(round(y))
+    x_left, x_right = (int(v) for v in ax.transData.transform([(1.2, 0), (2.8, 0)])[:, 0])
+    band = pixels[row - 1:row + 2, x_left:x_right].reshape(-1, 3)  # the line itself, not its rims
+    colours = {"base": (31, 119, 180), "novel": (255, 127, 14), "HM": (44, 160, 44)}
+    seen = {k: int((np.abs(band - c).max(axis=1) <= 40).sum()) for k, c in colours.items()}
+    assert min(seen.values()) >= 0.2 * sum(seen.values()), seen
+
+
+def test_opening_line_names_the_protocol_and_the_recipe_apart():
+    from fastprompt.recipes import Recipe
+    from fastprompt.runlog import opening_line
+
+    common = dict(method="coop", dataset="folder", protocol="base2novel", recipe=Recipe(epochs=2),
+                  images=6, backbone="backbone tiny", device="cpu", precision="fp32", out="r")
+    every = opening_line(base=["cat", "dog", "red fox"], novel=None, **common)
+    head, *rest = every.split(" | ")
+    assert head.startswith("coop on folder: all 3 classes") and "base2novel" not in head
+    assert any(part.startswith("base2novel recipe: 2 epochs") for part in rest), every
+    halves = opening_line(base=["cat", "dog"], novel=["red fox"], **common)
+    assert halves.startswith("coop on folder, base-to-novel: 2 base classes (the other 1, novel")
+
+
+def test_train_help_lists_datasets_after_what_they_are_and_defaults_come_from_trainconfig(
+        monkeypatch):
+    from fastprompt.catalog import dataset_names
+    from fastprompt.train import parser
+
+    text = parser().format_help()
+    section = text[text.index("\n  --dataset DATASET"):text.index("\n  --data-root DATA_ROOT")]
+    help_lines = [line.strip() for line in section.splitlines()[1:]]
+    for name in dataset_names():  # "builtin: generated in memory ..." read like a heading
+        assert not any(line.startswith((f"{name}:", f"{name} ")) for line in help_lines), name
+        assert name in " ".join(help_lines), name
+    defaults = {a.dest: a.default for a in parser()._actions}
+    fields = fp.TrainConfig()
+    for dest, value in defaults.items():
+        if value is not None and hasattr(fields, dest) and dest != "help":
+            assert value == getattr(fields, dest), dest
+    monkeypatch.setattr(fp.TrainConfig, "method", "coop")
+    monkeypatch.setattr(fp.TrainConfig, "seed", 7)
+    args = parser().parse_args([])
+    assert (args.method, args.seed) == ("coop", 7)
+    assert "(default coop)" in parser().format_help()
+
+
+def test_train_help_and_readme_state_the_same_default_run_time():
+    import re
+
+    import fastprompt.train
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    wall, training = re.search(r"^wall time ([\d.]+) s \(training ([\d.]+) s", readme, re.M).groups()
+    doc = " ".join(fastprompt.train.__doc__.split())
+    said = re.search(r"about (\d+) s in all \((\d+) s of it training\)", doc)
+    assert said, doc
+    assert said.groups() == (str(round(float(wall))), str(round(float(training))))
+
+
+def test_export_name_error_says_an_onnx_export(tmp_path):
+    from fastprompt.errors import ExportError
+    from fastprompt.export.runners import check_out_suffix
+
+    with pytest.raises(ExportError, match="an ONNX export is opened by its suffix"):
+        check_out_suffix("onnx", tmp_path / "model.bin")
+    with pytest.raises(ExportError, match="a TensorRT export is opened by its suffix"):
+        check_out_suffix("tensorrt", tmp_path / "model.onnx")
