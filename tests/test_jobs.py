@@ -46,7 +46,7 @@ def test_the_cli_builds_the_config_its_flags_say():
         "mma", 0.01, {"width": "8"}, ("dtd", "eurosat"))
     assert (config.plain, config.progress, config.recipe, config.weights) == (True, False, "cross", None)
     default = config_from_args(parse_args([]))
-    assert default == fp.TrainConfig(pretrained="shapes")  # the CLI's defaults are the library's
+    assert default == fp.TrainConfig()  # the CLI's defaults are the library's, to the field
     assert default.weights == "shapes" and fp.TrainConfig(model="ViT-B-16").weights is None
 
 
