@@ -47,7 +47,7 @@ def openai_like(tmp_path_factory):
 def redirect_download(monkeypatch, openai_like):
     """open_clip's download of a pretrained tag returns the local OpenAI-layout file, which the
     Hugging Face cache holds (so fastprompt's offline check finds the tag cached)."""
-    import huggingface_hub
+    import huggingface_hub.constants  # a submodule: the package imports it lazily
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(openai_like["hub"]))
     monkeypatch.setattr(open_clip.factory, "download_pretrained",

@@ -104,6 +104,24 @@ def test_a_server_that_never_answers_costs_one_probe(tmp_path):
     assert "not in the local cache" in proc.stdout
 
 
+def test_probe_counts_any_answer_as_a_network(monkeypatch):
+    """A server answering 404 (or any HTTP error) means the network works: open_clip may try."""
+    import http.server
+    import threading
+
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert hub.probe(f"http://127.0.0.1:{server.server_port}/weights.bin") is None  # 501
+    finally:
+        server.shutdown()
+        server.server_close()
+    why = hub.probe(f"http://127.0.0.1:{closed_port()}/weights.bin")
+    assert why and "refused" in why
+
+
 def hf_cache(root: Path, repo: str, filename: str) -> Path:
     """A Hugging Face cache holding `filename` of `repo` (the layout huggingface_hub writes)."""
     folder = root / f"models--{repo.replace('/', '--')}"
@@ -117,7 +135,7 @@ def hf_cache(root: Path, repo: str, filename: str) -> Path:
 
 @pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
 def test_cached_weights_are_used_without_asking_the_network(tmp_path, monkeypatch, filename):
-    import huggingface_hub
+    import huggingface_hub.constants  # a submodule: the package imports it lazily
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
 
