@@ -2,8 +2,8 @@
 
 With no arguments: MaPLe, base-to-novel, on the generated dataset `shapes_colour` with the built-in
 tiny backbone and its shipped pretrained weights (`--pretrained shapes`; `none` for random
-init): offline, about 26 s in all (18 s of it training) on two busy CPU cores, printing base /
-novel / HM.
+init): offline, about 34 s (23 s of it training) on two busy CPU cores, printing base / novel /
+HM.
 """
 from __future__ import annotations
 

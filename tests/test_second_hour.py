@@ -403,7 +403,7 @@ def test_train_help_and_readme_state_the_same_default_run_time():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     wall, training = re.search(r"^wall time ([\d.]+) s \(training ([\d.]+) s", readme, re.M).groups()
     doc = " ".join(fastprompt.train.__doc__.split())
-    said = re.search(r"about (\d+) s in all \((\d+) s of it training\)", doc)
+    said = re.search(r"about (\d+) s \((\d+) s of it training\)", doc)
     assert said, doc
     assert said.groups() == (str(round(float(wall))), str(round(float(training))))
 
