@@ -38,3 +38,22 @@ def test_block_extraction_names_and_skip_markers(tmp_path):
     assert second.needs == "ViT-B-16 weights" and second.id == "line13"
     assert run_block(first, tmp_path).stdout == "1\n"
     assert README.is_file()
+
+
+def test_install_section_shows_a_regular_install_its_extras_and_an_offline_way():
+    """Quick start's install: a non-editable install with extras that pyproject.toml defines, and
+    what to do where torch's CPU index cannot be reached."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    text = README.read_text(encoding="utf-8")
+    install = text[text.index("**Install.**"):text.index("**Run**")]
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    regular = re.findall(r'pip install "(?:fastprompt)?(?:\.)?\[(\w+)\](?: @ git\+[^"]+)?"', install)
+    assert regular and set(regular) <= set(extras), regular
+    assert 'pip install ".[export]"' in install and "git+" in install  # clone, or straight from git
+    for extra in extras:  # each extra is named, with what it adds
+        assert re.search(rf"\b{extra} \(", install), extra
+    assert "--no-index --find-links" in install and "download.pytorch.org" in install
