@@ -6,9 +6,9 @@ Prints the top-k classes with softmax probabilities per image (`--json`: one JSO
 Directories are searched recursively for image files. Unreadable images are skipped, each
 reported on stderr (`warning: cannot read image PATH: reason; skipped`); when none can be read,
 that is one `error:` line. The classifying is the library's (`model.predict`,
-`fastprompt.classifier.top_classes`). Exit status: 0 when at least one image was classified, 1 when none could be
-read or the model failed while running, 2 for bad input (model not found, unknown format, missing
-path), with one line on stderr.
+`fastprompt.classifier.top_classes`). Exit status: 0 when at least one image was classified, 1
+when none could be read or the model failed while running, 2 for bad input (model not found,
+unknown format, missing path), with one line on stderr.
 """
 from __future__ import annotations
 
