@@ -2,7 +2,7 @@
 
 With no arguments: MaPLe, base-to-novel, on the generated dataset `shapes_colour` with the built-in
 tiny backbone and its shipped pretrained weights (`--pretrained shapes`; `none` for random
-init): offline, about 34 s (23 s of it training) on two busy CPU cores, printing base / novel /
+init): offline, about 29 s (18 s of it training) on two busy CPU cores, printing base / novel /
 HM.
 """
 from __future__ import annotations
