@@ -31,7 +31,7 @@ TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm",
 @functools.lru_cache(maxsize=None)
 def backbone(cuda: bool):
     name = "ViT-B-16" if cuda else "tiny"
-    return fp.load_clip(name, seed=0, device="cuda" if cuda else "cpu")
+    return fp.load_clip(name, pretrained=None, seed=0, device="cuda" if cuda else "cpu")
 
 
 def workload(env) -> dict:

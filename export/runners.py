@@ -28,7 +28,8 @@ def check_out_suffix(fmt: str, out) -> None:
     """Refuse an export file name that `open_runner` (and so predict) could not open again."""
     suffixes = (".onnx",) if fmt == "onnx" else ENGINE_SUFFIXES
     if Path(out).suffix not in suffixes:
-        raise ExportError(f"--out {out}: a {fmt} export is opened by its suffix, so name it "
+        kind = "an ONNX" if fmt == "onnx" else "a TensorRT"
+        raise ExportError(f"--out {out}: {kind} export is opened by its suffix, so name it "
                           f"{' or '.join('model' + s for s in suffixes)}")
 
 

@@ -1,4 +1,4 @@
-"""Loading a frozen open_clip backbone: `load_clip(name, pretrained=None, seed=0)`.
+"""Loading a frozen open_clip backbone: `load_clip(name, pretrained="default", seed=0)`.
 
 open_clip builds the model, loads weights, tokenizes; fastprompt's own forward pass lives in
 `backbone.py`. Only ViT image towers with open_clip's standard causal text transformer are
@@ -8,7 +8,8 @@ The MLP activation is the one the weights were trained with: OpenAI's CLIP used 
 (x * sigmoid(1.702 x)) while open_clip builds `ViT-B-16` with GELU unless told otherwise, and
 only warns. `activation.py` decides it (tag config, OpenAI release files, explicit choice) and
 `Clip.source` records it with a fingerprint of the weights, so `fastprompt.load` and the exporters
-rebuild the same network and notice other weights.
+rebuild the same network and notice other weights. `check_weights` says in seconds, before
+anything is built or written, whether the weights can be had (`hub.py`: cache, then one probe).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import BackboneError, first_line, short_repr
+from .config import DEFAULT_WEIGHTS, resolve_weights
+from .errors import BackboneError, first_line, setting, short_repr
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,30 +75,27 @@ class Clip:
         return self.model.logit_scale.device
 
 
-def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int = 0,
+def load_clip(name: str = "ViT-B-16", pretrained: str | None = DEFAULT_WEIGHTS, seed: int = 0,
               device: str | torch.device = "cpu", quick_gelu: bool | None = None) -> Clip:
     """Build a frozen CLIP.
 
     name: an open_clip model name (`ViT-B-16`), `tiny` (built in), or `hf-hub:org/repo`.
-    pretrained: None (random init from `seed`), an open_clip tag (`openai`, `laion2b_s34b_b88k`),
-    or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI format, incl. OpenAI's
-    released TorchScript file). For `tiny`, a bare tag names a file shipped in fastprompt/weights/:
-    `shapes` (see `python -m fastprompt.pretrain`).
+    pretrained: "default", the model's default weights as the train command has them: the shipped
+    `shapes` for `tiny`, random init for any other model; None, "none" or "random": random init
+    from `seed`; an open_clip tag (`openai`, `laion2b_s34b_b88k`; downloaded on first use, see
+    `check_weights`); or a local checkpoint file (.pt/.bin/.safetensors, open_clip or OpenAI
+    format, incl. OpenAI's released TorchScript file). For `tiny`, a bare tag names a file shipped
+    in fastprompt/weights/: `shapes` (see `python -m fastprompt.pretrain`).
     quick_gelu: the MLP activation; None decides it from the weights (see `activation.py`).
     """
     import open_clip
 
     from .activation import resolve_quick_gelu
 
-    if pretrained is not None and not isinstance(pretrained, str):
-        raise BackboneError(f"pretrained must be a tag or a file path, got {type(pretrained).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise BackboneError(f"seed must be an integer from 0 to 2**64-1 (torch's seeds), got "
                             f"{short_repr(seed)}")
-    if pretrained is not None and os.path.isfile(os.path.expanduser(pretrained)):
-        pretrained = os.path.abspath(os.path.expanduser(pretrained))  # loadable from anywhere
-    elif pretrained is not None:
-        _refuse_special_file(pretrained)
+    pretrained = check_weights(name, pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name in TINY_NAMES:
@@ -125,19 +124,44 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = None, seed: int =
                 fingerprint=weights_fingerprint(model))
 
 
-def _create_open_clip(open_clip, name: str, pretrained: str | None, quick_gelu: bool,
-                      release_state: dict | None):
-    known = set(open_clip.list_models())
-    if not name.startswith(("hf-hub:", "local-dir:")) and name not in known:
+def check_weights(name: str, pretrained: str | None = DEFAULT_WEIGHTS) -> str | None:
+    """The weights `load_clip(name, pretrained)` will load (`config.resolve_weights`; a file as an
+    absolute path), checked in seconds without building anything: a known model, an existing
+    regular file or a known tag, and for a tag that is not cached a server that answers
+    (`hub.check_download`). BackboneError (one line) otherwise."""
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise BackboneError(f"pretrained must be a tag or a file path, got {type(pretrained).__name__}")
+    pretrained = resolve_weights(name, pretrained)
+    if pretrained is not None and os.path.isfile(os.path.expanduser(pretrained)):
+        return os.path.abspath(os.path.expanduser(pretrained))  # loadable from anywhere
+    if pretrained is not None:
+        _refuse_special_file(pretrained)
+    if name in TINY_NAMES:
+        if pretrained is not None and not packaged_weights(pretrained):
+            raise BackboneError(f"checkpoint file not found: {pretrained} (the tiny backbone needs a "
+                                f"shipped tag such as 'shapes', a local safetensors file, or "
+                                f"{setting('--pretrained', 'none')} for random init)")
+        return pretrained
+    import open_clip
+
+    if not name.startswith(("hf-hub:", "local-dir:")) and name not in set(open_clip.list_models()):
         raise BackboneError(f"unknown model '{name}': use 'tiny', an open_clip name such as ViT-B-16 "
                             f"(open_clip.list_models()), or hf-hub:ORG/REPO")
-    if pretrained is not None and not os.path.exists(pretrained) and os.sep in pretrained:
+    if pretrained is not None and os.sep in pretrained:
         raise BackboneError(f"checkpoint file not found: {pretrained}")
-    if pretrained is not None and not os.path.exists(pretrained):
+    if pretrained is not None:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise BackboneError(f"unknown pretrained tag '{pretrained}' for {name}: choose one of "
                                 f"{', '.join(tags) or '(none)'} or give a checkpoint file")
+    from .hub import check_download
+
+    check_download(open_clip, name, pretrained)
+    return pretrained
+
+
+def _create_open_clip(open_clip, name: str, pretrained: str | None, quick_gelu: bool,
+                      release_state: dict | None):
     try:
         # files in OpenAI's release format are read by activation.py; open_clip reads the rest
         model = open_clip.create_model(name, pretrained=None if release_state is not None else pretrained,
@@ -208,12 +232,8 @@ def packaged_weights(tag: str) -> str | None:
 
 
 def _load_local_weights(model: nn.Module, path: str, name: str) -> None:
-    if not os.path.exists(path):
-        path = packaged_weights(path) or path
-    if not os.path.exists(path):
-        raise BackboneError(f"checkpoint file not found: {path} (the tiny backbone needs a shipped "
-                            f"tag such as 'shapes', a local safetensors file, or pretrained=None "
-                            f"for random init)")
+    """A file, or a tag shipped in fastprompt/weights/ (`check_weights` made sure of one)."""
+    path = path if os.path.exists(path) else packaged_weights(path)
     state = read_weights_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -19,13 +19,17 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from .errors import InputError, short_repr
+from .errors import InputError, setting, short_repr
 from .options import FLOAT32_MAX
 
 #: the built-in generated dataset of a run without --dataset (fastprompt.data.generated)
 DEFAULT_DATASET = "shapes_colour"
 #: weights of `model="tiny"` when `pretrained` is not given (fastprompt/weights/tiny-shapes.*)
 TINY_DEFAULT_WEIGHTS = "shapes"
+#: `pretrained` meaning "the model's default weights" (`load_clip`'s default; see resolve_weights)
+DEFAULT_WEIGHTS = "default"
+#: `pretrained` values that ask for a random-init backbone (besides None in `load_clip`)
+RANDOM_INIT = ("none", "random")
 #: the largest seed accepted (seeds also feed NumPy generators, which need 0 <= seed < 2**32)
 MAX_SEED = 2**32 - 1
 #: recipe fields a config file may set besides batch size, lr and epochs, with their lower bound
@@ -35,6 +39,17 @@ RECIPE_LIMITS = {"warmup_epochs": (0, False), "warmup_lr": (0.0, True), "momentu
                  "iterations_per_shot": (0, False)}
 #: what --device accepts (an index: cuda:0, cuda:1, ...)
 DEVICES = re.compile(r"cpu|cuda(:[0-9]{1,4})?")
+
+
+def resolve_weights(model: str, pretrained: str | None) -> str | None:
+    """The weights `pretrained` names for backbone `model`; None is random init. "default" is the
+    model's default: the shipped "shapes" for `tiny`, random init for any other (none is offline);
+    None, "none" and "random" ask for random init; anything else is a tag or a file, kept."""
+    if pretrained is None or pretrained.lower() in RANDOM_INIT:
+        return None
+    if pretrained == DEFAULT_WEIGHTS:
+        return TINY_DEFAULT_WEIGHTS if model == "tiny" else None
+    return pretrained
 
 
 @dataclass
@@ -103,9 +118,7 @@ class TrainConfig:
     @property
     def weights(self) -> str | None:
         """The `pretrained` argument of `load_clip`: None means random init."""
-        if self.pretrained is None:
-            return TINY_DEFAULT_WEIGHTS if self.model == "tiny" else None
-        return None if self.pretrained.lower() in ("none", "random") else self.pretrained
+        return resolve_weights(self.model, DEFAULT_WEIGHTS if self.pretrained is None else self.pretrained)
 
     @property
     def run_dir(self) -> str:
@@ -113,9 +126,11 @@ class TrainConfig:
 
     def validate(self, recipe_source: str | None = None) -> "TrainConfig":
         """Refuse numbers and choices that would train nonsense (InputError, one line naming the
-        setting by its command-line flag; recipe fields by the file they came from, if given)."""
+        setting by its command-line flag and field name; recipe fields by the file they came
+        from, if given)."""
         def bad(flag, want, value):
-            raise InputError(f"{flag} must be {want}, got {short_repr(value)}")
+            raise InputError(f"{setting(flag) if flag.startswith('--') else flag} must be {want}, "
+                             f"got {short_repr(value)}")
 
         self._check_types()
         for flag, value in (("--seed", self.seed), ("--backbone-seed", self.backbone_seed)):
@@ -140,7 +155,8 @@ class TrainConfig:
             if value not in choices:
                 bad(flag, "one of " + ", ".join(str(c) for c in choices if c is not None), value)
         if self.resume and self.overwrite:
-            raise InputError("--resume continues the run in --out and --overwrite replaces it: give one")
+            raise InputError(f"{setting('--resume')} continues the run in --out and "
+                             f"{setting('--overwrite')} replaces it: give one")
         def where(key):
             return f"'{key}' in {recipe_source}" if recipe_source else f"recipe field '{key}'"
 

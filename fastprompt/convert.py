@@ -118,13 +118,17 @@ def convert(args) -> tuple:
         extra["run"] = {"dataset": args.dataset, "data_root": root, "subsample": subsample,
                         "novel_classnames": novel.classnames if novel else []}
     file = find_checkpoint(method, checkpoint)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    clip = fp.load_clip(args.model, pretrained, seed=args.backbone_seed)
+    from .config import resolve_weights
+
+    clip = fp.load_clip(args.model, resolve_weights(args.model, args.pretrained or None),
+                        seed=args.backbone_seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OriginalCheckpointWarning)
         model = load_original(method, file, clip, classnames, config=args.original_config)
+    from .cli import warning
+
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        warning(w.message)
     extra["original"] = {"method": method, "checkpoint": os.path.abspath(file),
                          "config": os.path.abspath(args.original_config) if args.original_config
                          else None}

@@ -98,6 +98,18 @@ def require(*modules: str, what: str = ""):
     return loaded[0] if loaded else None
 
 
+def setting(flag: str, value=None) -> str:
+    """A setting named for both audiences of a library error, the command line and Python:
+    `setting("--data-root", "DIR")` is "--data-root DIR (data_root=DIR)", `setting("--on-error",
+    "skip")` "--on-error skip (on_error='skip')", `setting("--lr")` "--lr (lr=)". The Python name
+    is the flag's, as `TrainConfig`'s fields are; an upper-case value is a placeholder."""
+    name = flag.lstrip("-").replace("-", "_")
+    if value is None:
+        return f"{flag} ({name}=)"
+    py = repr(value) if isinstance(value, str) and not value.isupper() else value
+    return f"{flag} {value} ({name}={py})"
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name if it has none). For
     an error re-raised from a DataLoader worker ("Caught X in DataLoader worker process N" plus

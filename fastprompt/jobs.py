@@ -40,6 +40,7 @@ def fit(config: TrainConfig, log=None, warn=None, progress=None) -> dict | None:
     but will disappoint (`fastprompt.runlog.walls`), `progress` a line every few seconds while an
     epoch runs outside a terminal (default: silent)."""
     from .api import method_class
+    from .clip import check_weights
     from .recipes import recipe_for
     from .rundir import open_run_dir
     from .runtime import runtime_env
@@ -48,6 +49,7 @@ def fit(config: TrainConfig, log=None, warn=None, progress=None) -> dict | None:
     config.validate()
     hooks = {"log": log or _quiet, "warn": warn or _quiet, "progress": progress}
     method_class(config.method)  # unknown method: fail before loading anything
+    check_weights(config.model, config.weights)  # in seconds, before the run directory is touched
     env = runtime_env(config)
     recipe = recipe_for(config.method, _canonical(config.dataset_name), protocol(config),
                         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -201,7 +203,7 @@ def method_options(config: TrainConfig, recipe) -> dict:
     dataset's CoOp prompt, or the config's template / ensemble; and what the method takes from the
     dataset (`Method.dataset_options`: KgCoOp's teacher prompt) unless given."""
     from .api import method_class
-    from .errors import InputError
+    from .errors import InputError, setting
     from .recipes import zero_shot_templates
 
     options = {**recipe.options, **config.options}
@@ -215,8 +217,8 @@ def method_options(config: TrainConfig, recipe) -> dict:
         options.setdefault("templates", zero_shot_templates(config.dataset_name, config.template,
                                                             config.ensemble))
     elif config.template or config.ensemble:
-        raise InputError(f"--template / --ensemble set the prompts of zero-shot CLIP; "
-                         f"{config.method} starts from 'a photo of a {{}}.' (see its options)")
+        raise InputError(f"{setting('--template')} / {setting('--ensemble')} set the prompts of "
+                         f"zero-shot CLIP; {config.method} starts from 'a photo of a {{}}.' (see its options)")
     return options
 
 
@@ -299,6 +301,7 @@ def evaluate(run, config: TrainConfig | None = None, log=None, warn=None, **sett
     each setting changed to run (e.g. --workers above the CPUs)."""
     from .checkpoint import load, read_config
     from .data import DataError, load_dataset, split_base_novel
+    from .errors import setting
     from .runlog import weights_text
     from .runtime import runtime_env
 
@@ -316,7 +319,8 @@ def evaluate(run, config: TrainConfig | None = None, log=None, warn=None, **sett
     evals = {name: load_dataset(name, root) for name in config.eval_datasets}
     model = load(run, device=env.device).eval()
     if novel is not None and base.classnames != model.classnames:
-        raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong --data-root?")
+        raise DataError(f"the base classes of {dataset} differ from those of {run}: wrong "
+                        f"{setting('--data-root')}?")
     for line in env.notes:
         (warn or _quiet)(line)
     clip = model.clip

@@ -37,7 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import RunDirError
+from .errors import RunDirError, setting
 
 LOCK = ".fastprompt.lock"
 #: where `--overwrite` builds the new run beside the old one; renamed to COMMIT once complete
@@ -175,8 +175,8 @@ def _lock_record(data: bytes) -> bool:
 
 def _refuse_unasked(out: Path, resume: bool, overwrite: bool) -> None:
     if holds_run(out) and not (resume or overwrite):
-        raise RunDirError(f"{out} already holds a run: pass --resume to continue it, --overwrite "
-                          f"to replace it, or another --out")
+        raise RunDirError(f"{out} already holds a run: pass {setting('--resume')} to continue it, "
+                          f"{setting('--overwrite')} to replace it, or another {setting('--out')}")
 
 
 def _make_dirs(out: Path) -> list[Path]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .config import DEVICES
-from .errors import InputError, TrainingError
+from .errors import InputError, TrainingError, setting
 
 
 @dataclass
@@ -39,7 +39,8 @@ def init_distributed(device_arg: str | None) -> TrainEnv:
         raise InputError(f"--device must be cpu, cuda or cuda:N, got {str(device_arg)[:40]!r}")
     cuda = torch.cuda.is_available() and device_arg != "cpu"
     if str(device_arg).startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {device_arg} but no CUDA device is visible: use --device cpu")
+        raise TrainingError(f"{setting('--device', device_arg)} but no CUDA device is visible: use "
+                            f"{setting('--device', 'cpu')}")
     index = local
     if str(device_arg).startswith("cuda:"):
         index, count = int(device_arg[5:]), torch.cuda.device_count()

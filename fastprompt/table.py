@@ -263,7 +263,7 @@ def _main(argv) -> int:
         results = read_results(Path(a.from_json))
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
-        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.pretrained,
+        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.weights,
                           log=lambda m: print(m, flush=True), base=train)
     table = markdown(results, seeds, train.data_root)
     print(table)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checkpoint import save
 from .context import TrainingContext, epoch_seed
 from .data import ImageDataset, train_transform
-from .errors import TrainingError
+from .errors import TrainingError, setting
 from .files import append_line
 from .optim import make_optimizer
 from .recipes import Recipe
@@ -130,7 +130,8 @@ class Trainer:
         if not len(self.dataset) or (env.world_size > 1
                                      and len(self.dataset) < recipe.batch_size * env.world_size):
             raise TrainingError(f"{len(self.dataset)} training images are fewer than one batch of "
-                                f"{recipe.batch_size} per process: lower --batch-size or raise --shots")
+                                f"{recipe.batch_size} per process: lower {setting('--batch-size')} or "
+                                f"raise {setting('--shots')}")
         per_epoch = len(_loader(self.dataset, recipe.batch_size, env, 0))
         self.plan = Plan(recipe, per_epoch, recipe.total_epochs(per_epoch), recipe.total_steps(per_epoch))
         if resume:
@@ -246,7 +247,8 @@ class EpochMeter:
         finite."""
         if not bool(self.finite):
             raise TrainingError(f"the loss became NaN/inf in epoch {epoch + 1} (steps {self.checked + 1}-"
-                                f"{steps}): lower --lr or use --precision fp32; the checkpoint of epoch "
+                                f"{steps}): lower {setting('--lr')} or use "
+                                f"{setting('--precision', 'fp32')}; the checkpoint of epoch "
                                 f"{epoch} in {run_dir} is intact (--resume continues from it)")
         self.checked = steps
         rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)

@@ -14,7 +14,9 @@ ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "co
 
 @functools.lru_cache(maxsize=None)
 def tiny_clip(seed: int = 0):
-    return fp.load_clip("tiny", seed=seed)
+    """The tiny backbone, random init from `seed` (asked for: plain `load_clip("tiny")` is the
+    shipped pretrained one)."""
+    return fp.load_clip("tiny", pretrained=None, seed=seed)
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_yaml_aliases_are_refused_in_bounded_time_and_memory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, text, needle", [
-    (["--lr", "1e39"], None, "--lr must be at most 3.403e+38"),
+    (["--lr", "1e39"], None, "--lr (lr=) must be at most 3.403e+38"),
     ([], "warmup_lr: 1.0e+39\n", "'warmup_lr' in {path} must be a finite number"),
     ([], "weight_decay: 1.0e+300\n", "'weight_decay' in {path} must be a finite number"),
     ([], "lr: 1.0e+39\n", "'lr' in {path} must be a finite number"),

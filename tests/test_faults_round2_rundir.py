@@ -249,7 +249,7 @@ def test_zero_shot_needs_no_training_shots(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(["--method", "coop", "--dataset", "folder", "--data-root", str(data),
                         "--subsample", "all", "--no-progress", "--out", str(tmp_path / "c")], capsys)
-    one_line_error(code, err, "--shots 16 needs 16")
+    one_line_error(code, err, "16 shots need 16")
 
 
 def test_workers_are_capped_at_the_cpus_and_said_so(flowers, tmp_path, capsys):
@@ -277,8 +277,8 @@ def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch):
     assert init_distributed("cuda:1").device == torch.device("cuda:1")
 
 
-@pytest.mark.parametrize("device, needle", [("nonsense", "--device must be cpu, cuda or cuda:N"),
-                                            ("meta", "--device must be cpu, cuda or cuda:N"),
+@pytest.mark.parametrize("device, needle", [("nonsense", "--device (device=) must be cpu, cuda or cuda:N"),
+                                            ("meta", "--device (device=) must be cpu, cuda or cuda:N"),
                                             ("cuda:99", "cuda:99")])
 def test_devices_that_do_not_exist_are_refused(device, needle, tmp_path, capsys):
     """They ran on the CPU before, silently."""

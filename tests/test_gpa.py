@@ -71,13 +71,15 @@ def test_gpa_off_keeps_the_last_epoch(tmp_path):
 
 
 def test_a_run_killed_and_resumed_ends_with_the_same_average(tmp_path, monkeypatch):
+    import inspect
+
     import fastprompt.training as training
 
     train(promptsrc(), RECIPE, items(), tmp_path / "whole", env(), log=quiet)
     run_epoch = training._run_epoch
 
     def killed_in_epoch_3(*args, **kwargs):
-        if args[6] == 2:
+        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:
             raise KeyboardInterrupt
         return run_epoch(*args, **kwargs)
     monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)

@@ -14,7 +14,7 @@ VIT_B16_COUNTS = {"coop": 2048, "cocoop": 35360, "maple": 3555072, "ivlp": 30720
 
 @pytest.fixture(scope="module")
 def vit_b16():
-    return fp.load_clip("ViT-B-16", seed=0)
+    return fp.load_clip("ViT-B-16", pretrained=None, seed=0)
 
 
 def count(model):

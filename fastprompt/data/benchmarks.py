@@ -27,7 +27,7 @@ import warnings
 from collections import defaultdict
 from typing import NamedTuple
 
-from ..errors import first_line
+from ..errors import first_line, setting
 from ..readers import ascii_int, loads
 from .folder import class_dirs, read_class_tree
 from .protocol import DataError, DatasetSplits, Datum
@@ -83,18 +83,19 @@ SPECS = {
 # ---------------------------------------------------------------- paths and checks
 
 def _fix(spec: Spec) -> str:
-    return f"set up {spec.coop_name} as in CoOp's DATASETS.md ({COOP_DOC}) or use --dataset folder"
+    return (f"set up {spec.coop_name} as in CoOp's DATASETS.md ({COOP_DOC}) or use "
+            f"{setting('--dataset', 'folder')}")
 
 
 def _dirs(root, spec: Spec) -> tuple[str, str]:
     """(dataset_dir, image_dir), each checked to exist."""
     if not root:
-        raise DataError(f"dataset {spec.coop_name} needs a data root — pass --data-root DIR (the "
-                        f"folder that holds {spec.dataset_dir}/)")
+        raise DataError(f"dataset {spec.coop_name} needs a data root — pass "
+                        f"{setting('--data-root', 'DIR')} (the folder that holds {spec.dataset_dir}/)")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
-        raise DataError(f"data root not found: {root} — pass --data-root DIR (the folder that "
-                        f"holds {spec.dataset_dir}/)")
+        raise DataError(f"data root not found: {root} — pass {setting('--data-root', 'DIR')} (the "
+                        f"folder that holds {spec.dataset_dir}/)")
     dataset_dir = os.path.join(root, spec.dataset_dir)
     if not os.path.isdir(dataset_dir):
         raise DataError(f"dataset folder not found: {dataset_dir} — {_fix(spec)}")
@@ -160,7 +161,8 @@ def _load_split_json(name: str, spec: Spec, root) -> DatasetSplits:
     path = os.path.join(dataset_dir, spec.split_file)
     if not os.path.isfile(path):
         raise DataError(f"split file not found: {path} — download {spec.split_file} from the link "
-                        f"in CoOp's DATASETS.md ({COOP_DOC}) into {dataset_dir}, or use --dataset folder")
+                        f"in CoOp's DATASETS.md ({COOP_DOC}) into {dataset_dir}, or use "
+                        f"{setting('--dataset', 'folder')}")
     try:
         with open(path, "rb") as f:
             raw = loads(f.read())

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DataError  # the project's error hierarchy: fastprompt.errors
+from ..errors import DataError, setting  # the project's error hierarchy: fastprompt.errors
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,9 @@ def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1,
     if short and strict:
         have, y = min(short)
         raise DataError(
-            f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but --shots {shots} "
-            f"needs {shots} ({len(short)} of {d.num_classes} classes are short) — lower --shots "
-            f"to at most {have} or add images to that class")
+            f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but {shots} shots "
+            f"need {shots} ({len(short)} of {d.num_classes} classes are short) — lower "
+            f"{setting('--shots')} to at most {have} or add images to that class")
     rng = random.Random(seed)
     train = _sample_per_label(rng, d.train, shots)
     val = d.val if d.val_is_test else _sample_per_label(rng, d.val, min(shots, 4))
@@ -118,7 +118,7 @@ def split_base_novel(d: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]:
     n = d.num_classes
     if n < 2:
         raise DataError(f"{d.name}: base-to-novel needs at least 2 classes, got {n} — "
-                        f"use --subsample all")
+                        f"use {setting('--subsample', 'all')}")
     m = math.ceil(n / 2)
     halves = []
     for labels in (range(0, m), range(m, n)):

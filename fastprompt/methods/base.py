@@ -259,6 +259,11 @@ class Method(nn.Module):
             feats.append(self.text_features(self.template_for(names[i:i + chunk])))
         return Classifier(self, torch.cat(feats), names)
 
+    def predict(self, images, topk: int = 5, batch_size: int = 32, on_error: str = "raise"):
+        """[(class name, probability), ...] of each image file or PIL image, preprocessed as
+        evaluation does (`Classifier.predict`); keep `clf = model.classifier()` to call often."""
+        return self.classifier().predict(images, topk=topk, batch_size=batch_size, on_error=on_error)
+
     def template_for(self, classnames: list[str]) -> PromptTemplate:
         if classnames == self.classnames:
             return self.template
