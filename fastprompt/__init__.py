@@ -7,6 +7,7 @@
 
     metrics = fastprompt.fit(fastprompt.TrainConfig(dataset="oxford_pets", data_root="/data"))
     metrics = fastprompt.evaluate("runs/oxford_pets/maple/seed1")
+    results = fastprompt.fit_many([config_seed1, config_seed2, config_seed3])   # one packed pass
 
 The names below are imported on first use (PEP 562), so `python -m fastprompt.train --help` and
 the other commands' help answer without importing torch or open_clip.
@@ -17,7 +18,8 @@ import importlib
 
 #: public name -> the submodule that defines it
 _LAZY = {"create": "api", "list_methods": "api", "load": "checkpoint", "save": "checkpoint",
-         "load_clip": "clip", "TrainConfig": "config", "fit": "jobs", "evaluate": "jobs"}
+         "load_clip": "clip", "TrainConfig": "config", "fit": "jobs", "evaluate": "jobs",
+         "fit_many": "sweep"}
 
 
 def __getattr__(name: str):
@@ -51,6 +53,6 @@ def original_state_dict(model):
     return original_state_dict_impl(model)
 
 
-__all__ = ["TrainConfig", "create", "evaluate", "fit", "list_methods", "load", "load_clip",
+__all__ = ["TrainConfig", "create", "evaluate", "fit", "fit_many", "list_methods", "load", "load_clip",
            "load_original", "original_state_dict", "save"]
 __version__ = "0.1.0"

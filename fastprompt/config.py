@@ -99,6 +99,9 @@ class TrainConfig:
     workers: int | None = None          # None: 4 on CUDA, 0 on the CPU
     plain: bool = False                 # every optimisation off: the original-style baseline
     cuda_graphs: bool = True
+    #: under torchrun: join its process group (DDP over the run's batches); False: this process
+    #: works alone (each rank a shard of a table)
+    distributed: bool = True
     progress: bool = True
     zero_shot_ref: str = "auto"         # auto | always | never
     out: str | None = None              # None: runs/DATASET/METHOD/seedN

@@ -98,12 +98,19 @@ def require(*modules: str, what: str = ""):
     return loaded[0] if loaded else None
 
 
+#: the train flags that take no value (True in TrainConfig when given)
+SWITCHES = ("--resume", "--overwrite", "--plain", "--ensemble")
+
+
 def setting(flag: str, value=None) -> str:
     """A setting named for both audiences of a library error, the command line and Python:
     `setting("--data-root", "DIR")` is "--data-root DIR (data_root=DIR)", `setting("--on-error",
     "skip")` "--on-error skip (on_error='skip')", `setting("--lr")` "--lr (lr=)". The Python name
-    is the flag's, as `TrainConfig`'s fields are; an upper-case value is a placeholder."""
+    is the flag's, as `TrainConfig`'s fields are; an upper-case value is a placeholder. The
+    switches (flags without a value) read "--resume (resume=True)"."""
     name = flag.lstrip("-").replace("-", "_")
+    if value is None and flag in SWITCHES:
+        return f"{flag} ({name}=True)"
     if value is None:
         return f"{flag} ({name}=)"
     py = repr(value) if isinstance(value, str) and not value.isupper() else value

@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig
+from .errors import setting
+from .evaluation import (ZERO_SHOT_REF_MAX_PARAMS, evaluate_base_novel,  # noqa: F401 (re-exported)
+                         zero_shot_reference, zero_shot_scores)
 
-SPLIT = "split.json"
-#: `zero_shot_ref="auto"` evaluates zero-shot CLIP as a reference below this many backbone
-#: parameters (the tiny CLIP has 2.1M; ViT-B/16 150M)
-ZERO_SHOT_REF_MAX_PARAMS = 30_000_000
+SPLIT, METRICS = "split.json", "metrics.json"
 #: the few-shot record of a resumed run must match the new draw: these settings define it
 RESUME_KEYS = ("method", "model", "dataset", "seed", "subsample", "shots")
 
@@ -34,31 +35,136 @@ def _quiet(message: str) -> None:
     """The default `log` / `warn`: nothing is printed."""
 
 
+@dataclass
+class Run:
+    """One run, prepared: its settings, recipe, environment and every input (data, backbone, the
+    method built over it) checked and loaded; nothing written yet."""
+
+    config: TrainConfig
+    env: object
+    recipe: object
+    inputs: dict
+    hooks: dict
+    started: float
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.run_dir)
+
+    @property
+    def extra(self) -> dict:
+        """What config.json records about the run besides the model."""
+        novel = self.inputs["novel"]
+        return {"run": {"dataset": self.config.dataset_name, "data_root": self.config.data_root,
+                        "seed": self.config.seed, "subsample": self.config.subsample,
+                        "recipe": dataclasses.asdict(self.recipe),
+                        "novel_classnames": novel.classnames if novel else []}}
+
+
 def fit(config: TrainConfig, log=None, warn=None, progress=None) -> dict | None:
     """Train and evaluate the run `config` describes; returns its metrics (None on a non-main
     DDP rank). `log` gets the opening line and one line per epoch, `warn` each setting that runs
     but will disappoint (`fastprompt.runlog.walls`), `progress` a line every few seconds while an
-    epoch runs outside a terminal (default: silent)."""
+    epoch runs outside a terminal (default: silent). A run directory that already holds this very
+    run, finished, is not trained again: its metrics are returned (`finished_metrics`)."""
+    from .rundir import open_run_dir
+    from .training import run_alone
+
+    run = prepare(config, log, warn, progress)
+    done = finished_metrics(run)
+    if done is not None:
+        return done
+    with open_run_dir(run.out, run.config.resume, run.config.overwrite, run.env.main) as work:
+        stats = run_alone(start(run, work), progress)
+        return finish(run, work, stats)
+
+
+def prepare(config: TrainConfig, log=None, warn=None, progress=None, clip=None) -> Run:
+    """Every check and every input of a run before its directory is touched (`clip`: a backbone
+    already loaded for another run of the same settings, shared instead of loaded again)."""
     from .api import method_class
     from .clip import check_weights
     from .recipes import recipe_for
-    from .rundir import open_run_dir
     from .runtime import runtime_env
 
     started = time.perf_counter()
     config.validate()
     hooks = {"log": log or _quiet, "warn": warn or _quiet, "progress": progress}
     method_class(config.method)  # unknown method: fail before loading anything
-    check_weights(config.model, config.weights)  # in seconds, before the run directory is touched
+    if clip is None:
+        check_weights(config.model, config.weights)  # in seconds, before the run directory is touched
     env = runtime_env(config)
     recipe = recipe_for(config.method, _canonical(config.dataset_name), protocol(config),
                         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                         shots=config.shots, **config.recipe_overrides)
     config = with_absolute_root(config)
-    inputs = _prepare(config, env, recipe)  # every input is checked before --out is touched
-    out = Path(config.run_dir)
-    with open_run_dir(out, config.resume, config.overwrite, env.main) as work:
-        return _fit_locked(config, started, env, recipe, out, work, inputs, hooks)
+    inputs = _prepare(config, env, recipe, clip)  # every input is checked before --out is touched
+    return Run(config, env, recipe, inputs, hooks, started)
+
+
+def finished_metrics(run: Run) -> dict | None:
+    """The metrics of the finished run in `run.out` when it is this very run (same method,
+    options, backbone weights, classes, data and recipe: the config.json this run would write) and
+    neither --resume nor --overwrite is asked; None otherwise (an unfinished or another run there
+    is `open_run_dir`'s to refuse). Makes a command that ran once safe to run again."""
+    from .checkpoint import CONFIG, read_config
+    from .readers import loads
+
+    config, out = run.config, run.out
+    if config.resume or config.overwrite or not run.env.main:
+        return None
+    if not (out / CONFIG).is_file() or not (out / METRICS).is_file():
+        return None
+    model = run.inputs["model"]
+    want = {"method": model.name, "options": model.options(), "backbone": model.clip.source,
+            "classnames": model.classnames, **run.extra}
+    saved = read_config(out)
+    if json.loads(json.dumps(want)) != {k: saved.get(k) for k in want}:
+        return None
+    try:
+        metrics = loads((out / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(metrics, dict):
+        return None
+    run.hooks["log"](f"{out} holds this run, finished: its accuracies below, not trained again "
+                     f"({setting('--overwrite')} trains it anew)")
+    return {**metrics, "run_dir": str(out), "finished_before": True}
+
+
+def start(run: Run, work: Path):
+    """The run's `training.Trainer`, in its directory (`work`: `run.out`, or beside the old run
+    for --overwrite): resume checks, the few-shot record, the opening line and the warnings."""
+    from .rundir import check_resume
+    from .training import Trainer
+
+    config, recipe, env, out = run.config, run.recipe, run.env, run.out
+    base, novel, clip = run.inputs["base"], run.inputs["novel"], run.inputs["clip"]
+    if config.resume:
+        settings = {**dataclasses.asdict(config), "dataset": config.dataset_name, "shots": recipe.shots}
+        check_resume(out, {k: settings[k] for k in RESUME_KEYS})
+        check_resumed_backbone(out, clip)
+    if env.main:
+        _check_split(work, {"train": _split_record(base.train), "val": _split_record(base.val)},
+                     config.resume)
+        _announce(config, recipe, clip, env, out, base, novel, run.inputs["options"], run.hooks)
+    return Trainer(run.inputs["model"], recipe, base.train, work, env, resume=config.resume,
+                   extra=run.extra, log=run.hooks["log"], val=base.val)
+
+
+def finish(run: Run, work: Path, stats: dict) -> dict | None:
+    """After training: the evaluation, metrics.json and the curves (main process); its metrics."""
+    if not run.env.main:
+        return None
+    config, env, inputs = run.config, run.env, run.inputs
+    base, novel = inputs["base"], inputs["novel"]
+    metrics = evaluate_base_novel(inputs["model"], config, env, base, novel, inputs["evals"])
+    metrics.update(zero_shot_reference(config, config.method, inputs["clip"], env, base, novel))
+    metrics.update(stats)
+    metrics["runtime"] = {"device": str(env.device), "precision": env.precision,
+                          "plain": config.plain, "world_size": env.world_size}
+    metrics["wall_s"] = time.perf_counter() - run.started
+    return _finish(work, run.out, metrics)
 
 
 def with_absolute_root(config: TrainConfig) -> TrainConfig:
@@ -84,7 +190,7 @@ def _canonical(dataset: str) -> str:
     return canonical_name(dataset)
 
 
-def _prepare(config: TrainConfig, env, recipe) -> dict:
+def _prepare(config: TrainConfig, env, recipe, clip=None) -> dict:
     """What the run is made of, each input checked on the way: the data (the few-shot draw; a
     run that trains nothing needs no --shots images), the halves, the --eval-datasets, the
     backbone, and the method built over it with its options."""
@@ -100,48 +206,15 @@ def _prepare(config: TrainConfig, env, recipe) -> dict:
     evals = {name: load_dataset(name, config.data_root) for name in config.eval_datasets}
     options = method_options(config, recipe)
     split_options(config.method, options)  # option names and values, before the backbone loads
-    clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
-                     quick_gelu=config.quick_gelu)
+    if clip is None:
+        clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
+                         quick_gelu=config.quick_gelu)
     torch.manual_seed(config.seed)  # the learnable parameters' init follows the seed (Dassl's rule)
     model = create(config.method, clip, base.classnames, **options)
     if config.plain:
         model.set_fast(False)
     return {"base": base, "novel": novel, "evals": evals, "options": options, "clip": clip,
             "model": model}
-
-
-def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, work: Path,
-                inputs: dict, hooks: dict):
-    """fit's body, while this process holds the run directory `out` (`fastprompt.rundir`);
-    the run's files go to `work` (`out` itself, or beside the old run for --overwrite)."""
-    from .rundir import check_resume
-    from .training import train
-
-    base, novel, clip, model = inputs["base"], inputs["novel"], inputs["clip"], inputs["model"]
-    dataset = config.dataset_name
-    if config.resume:
-        settings = {**dataclasses.asdict(config), "dataset": dataset, "shots": recipe.shots}
-        check_resume(out, {k: settings[k] for k in RESUME_KEYS})
-        check_resumed_backbone(out, clip)
-    if env.main:
-        _check_split(work, {"train": _split_record(base.train), "val": _split_record(base.val)},
-                     config.resume)
-    extra = {"run": {"dataset": dataset, "data_root": config.data_root, "seed": config.seed,
-                     "subsample": config.subsample, "recipe": dataclasses.asdict(recipe),
-                     "novel_classnames": novel.classnames if novel else []}}
-    if env.main:
-        _announce(config, recipe, clip, env, out, base, novel, inputs["options"], hooks)
-    stats = train(model, recipe, base.train, work, env, resume=config.resume, extra=extra,
-                  log=hooks["log"], progress=hooks["progress"], val=base.val)
-    if not env.main:
-        return None
-    metrics = evaluate_base_novel(model, config, env, base, novel, inputs["evals"])
-    metrics.update(zero_shot_reference(config, config.method, clip, env, base, novel))
-    metrics.update(stats)
-    metrics["runtime"] = {"device": str(env.device), "precision": env.precision,
-                          "plain": config.plain, "world_size": env.world_size}
-    metrics["wall_s"] = time.perf_counter() - started
-    return _finish(work, out, metrics)
 
 
 def check_resumed_backbone(out: Path, clip) -> None:
@@ -222,73 +295,11 @@ def method_options(config: TrainConfig, recipe) -> dict:
     return options
 
 
-def zero_shot_reference(config: TrainConfig, method: str, clip, env, base, novel) -> dict:
-    """Zero-shot CLIP (the dataset's CoOp prompt) on the same evaluation images, as a reference:
-    {"zeroshot_ref": {...}} when asked or cheap (`zero_shot_ref`, default auto: a backbone under
-    ZERO_SHOT_REF_MAX_PARAMS), else {"zeroshot_ref_skipped": why}; {} for a zero-shot run itself."""
-    from .methods import reference_method
-
-    reference = reference_method()
-    if method == reference:
-        return {}
-    if config.zero_shot_ref == "never":
-        return {"zeroshot_ref_skipped": "--zero-shot-ref never"}
-    size = sum(p.numel() for p in clip.model.parameters())
-    if config.zero_shot_ref == "auto" and size > ZERO_SHOT_REF_MAX_PARAMS:
-        return {"zeroshot_ref_skipped": f"the backbone has {size / 1e6:.0f}M parameters; "
-                                        f"--zero-shot-ref always adds it, or run --method {reference}"}
-    ref = zero_shot_scores(dataclasses.replace(config, eval_datasets=()), clip, env, base, novel)
-    return {"zeroshot_ref": {k: v for k, v in ref.items() if k in ("base_acc", "novel_acc", "hm", "acc")}}
-
-
-def zero_shot_scores(config: TrainConfig, clip, env, base, novel) -> dict:
-    """`evaluate_base_novel` of zero-shot CLIP (the reference method) prompted as `config` says:
-    its template / ensemble, else CoOp's template of the dataset."""
-    from .api import create
-    from .methods import reference_method
-    from .recipes import zero_shot_templates
-
-    model = create(reference_method(), clip, base.classnames,
-                   templates=zero_shot_templates(config.dataset_name, config.template, config.ensemble))
-    return evaluate_base_novel(model, config, env, base, novel)
-
-
-def evaluate_base_novel(model, config: TrainConfig, env, base, novel, loaded=None) -> dict:
-    """Accuracy of `model` on the base and novel halves (`config.eval_split`) and their HM, and
-    on each of `config.eval_datasets` (`loaded`: those already loaded, by name)."""
-    from .data import load_dataset
-    from .scoring import harmonic_mean, score
-
-    unreadable: list = []
-    sets: dict = {}
-
-    def acc(names, items, label):
-        result = score(model.classifier(names), items, env.device, workers=env.workers,
-                       precision=env.precision, on_error=env.on_error)
-        unreadable.extend(result.unreadable)  # left out of the accuracy, counted in metrics
-        sets[label] = {"classes": len(names), "images": result.read}
-        return result.acc
-
-    pick = (lambda d: d.val) if config.eval_split == "val" else (lambda d: d.test)
-    if novel is not None:
-        b = acc(base.classnames, pick(base), "base")
-        n = acc(novel.classnames, pick(novel), "novel")
-        metrics = {"base_acc": b, "novel_acc": n, "hm": harmonic_mean(b, n)}
-    else:
-        metrics = {"acc": acc(base.classnames, pick(base), "all")}
-    for name in config.eval_datasets:
-        d = (loaded or {}).get(name) or load_dataset(name, config.data_root)
-        metrics[f"acc_{name}"] = acc(d.classnames, pick(d), name)
-    metrics["eval_unreadable_images"] = len(unreadable)
-    metrics["eval_split"], metrics["eval_sets"] = config.eval_split, sets
-    return metrics
-
-
 def _finish(work: Path, out: Path, metrics: dict) -> dict:
     from .files import write_json
     from .plot import plot_curves
 
-    write_json(work / "metrics.json", metrics)
+    write_json(work / METRICS, metrics)
     plot_curves(work)
     return {**metrics, "run_dir": str(out)}
 

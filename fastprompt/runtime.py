@@ -31,10 +31,21 @@ class TrainEnv:
         return self.rank == 0
 
 
-def init_distributed(device_arg: str | None) -> TrainEnv:
-    """TrainEnv from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK) or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+def distributed_world() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_distributed(device_arg: str | None, distributed: bool = True) -> TrainEnv:
+    """TrainEnv from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK) or a single process.
+    `distributed=False`: each torchrun process works alone (a table's shards), on the GPU of its
+    LOCAL_RANK, joining no process group."""
+    world = distributed_world() if distributed else 1
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg is not None and not DEVICES.fullmatch(str(device_arg)):
         raise InputError(f"--device must be cpu, cuda or cuda:N, got {str(device_arg)[:40]!r}")
     cuda = torch.cuda.is_available() and device_arg != "cpu"
@@ -60,7 +71,7 @@ def init_distributed(device_arg: str | None) -> TrainEnv:
 
 def runtime_env(config) -> TrainEnv:
     """The TrainEnv of a run's `TrainConfig` (device, precision, workers, seed, ...)."""
-    env = init_distributed(config.device)
+    env = init_distributed(config.device, config.distributed)
     cuda = env.device.type == "cuda"
     env.precision = ("bf16" if cuda else "fp32") if config.precision == "auto" else config.precision
     env.workers = config.workers if config.workers is not None else (4 if cuda else 0)

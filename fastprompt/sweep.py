@@ -1,5 +1,7 @@
 """Packed training: up to `size` runs of one method and backbone step together, one backbone pass
-for all of them per step (`fastprompt.pack`).
+for all of them per step (`fastprompt.pack`). `fit_many(configs)` is `fastprompt.fit` for a list
+of runs: it packs those of one method and backbone, shares their backbone, and gives each run the
+directory, files and metrics `fit` gives it.
 
 Each run keeps everything of its own (`training.Trainer`): data order and augmentation (its random
 stream is swapped in around each of its batches, so it draws exactly what it draws alone), optimiser
@@ -11,6 +13,8 @@ with its error and the others go on.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import resource
 import sys
 import time
@@ -23,18 +27,104 @@ from .runtime import autocast
 from .training import PROGRESS_EVERY_S, SYNC_EVERY, EpochMeter, Trainer
 
 
+def fit_many(configs: list, pack: int = 8, log=None, warn=None, progress=None) -> list:
+    """Train and evaluate every run of `configs` (TrainConfig), up to `pack` runs of one method
+    and backbone at a time in one packed pass (`train_packed`); returns each run's metrics, or
+    the exception that stopped it, in order. A run already finished in its directory is reported,
+    not trained again (`jobs.finished_metrics`); `pack=1`, or torchrun's several processes (DDP
+    splits each run's batches instead), trains them one after the other."""
+    from .jobs import fit
+    from .runtime import distributed_world
+
+    log = log or (lambda line: None)
+    if pack <= 1 or distributed_world() > 1:
+        out = []
+        for config in configs:
+            try:
+                out.append(fit(config, log, warn, progress))
+            except Exception as err:  # noqa: BLE001 - one run's failure; the others go on
+                out.append(err)
+        return out
+    results: list = [None] * len(configs)
+    groups: dict = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(pack_key(config), []).append(i)
+    for indices in groups.values():
+        backbone: dict = {}
+        starts = [lambda c=configs[i]: _enter(c, backbone, log, warn, progress) for i in indices]
+        for i, result in zip(indices, train_packed(starts, pack, log, progress)):
+            results[i] = result
+    return results
+
+
+def pack_key(config) -> tuple:
+    """Runs with equal keys share a pack: one method, one backbone (weights and activation), one
+    device and precision, one code path (--plain)."""
+    return (config.method, config.model, config.weights, config.backbone_seed, config.quick_gelu,
+            config.device, config.precision, config.plain)
+
+
+class Entry:
+    """A run entering a pack: its trainer in its held run directory; `finish(stats)` evaluates it
+    and releases the directory, `abort(err)` releases it as a failed `fit` would."""
+
+    def __init__(self, run, stack, work, trainer):
+        self.run, self.stack, self.work, self.trainer = run, stack, work, trainer
+
+    def finish(self, stats):
+        from .jobs import finish
+
+        try:
+            metrics = finish(self.run, self.work, stats)
+        except BaseException as err:
+            self.abort(err)
+            raise
+        self.stack.close()
+        return metrics
+
+    def abort(self, err: BaseException) -> None:
+        self.stack.__exit__(type(err), err, err.__traceback__)
+
+
+def _enter(config, backbone: dict, log, warn, progress):
+    """`fit` up to its first step, for a pack: the backbone loaded once for the pack's runs."""
+    from .jobs import finished_metrics, prepare, start
+    from .rundir import open_run_dir
+
+    name = f"{config.dataset_name} seed {config.seed}"
+
+    def said(say):  # each run's lines in a pack carry its name
+        return None if say is None else (lambda line: say(f"[{name}] {line}"))
+    run = prepare(config, said(log), said(warn), progress, clip=backbone.get("clip"))
+    backbone.setdefault("clip", run.inputs["clip"])
+    done = finished_metrics(run)
+    if done is not None:
+        return done
+    stack = contextlib.ExitStack()
+    work = stack.enter_context(open_run_dir(run.out, run.config.resume, run.config.overwrite))
+    try:
+        return Entry(run, stack, work, start(run, work))
+    except BaseException as err:
+        stack.__exit__(type(err), err, err.__traceback__)
+        raise
+
+
 @dataclass
 class Seat:
-    """One run's place in a pack: its trainer, its epoch in flight and its random stream."""
+    """One run's place in a pack: its entry (trainer, finish, abort), its epoch in flight and its
+    random stream."""
 
     index: int
-    trainer: Trainer
-    finish: object                     # callable(stats) -> the run's result, when it leaves
+    entry: object
     name: str = ""
     batches: object = None             # the epoch's batch iterator (None between epochs)
     meter: EpochMeter | None = None
     step: int = 0
     rng: torch.Tensor = field(default=None)
+
+    @property
+    def trainer(self) -> Trainer:
+        return self.entry.trainer
 
     def next_batch(self):
         """The run's next batch, drawn under the run's own random stream (as alone)."""
@@ -54,60 +144,74 @@ class Seat:
 
 
 def train_packed(runs: list, size: int, log=print, progress=None) -> list:
-    """Train `runs` (callables, each returning `(trainer, finish)` when the run enters the pack:
-    its setup is made then, not before) `size` at a time; returns each run's `finish(stats)` result
-    in order, or the exception that stopped that run. One process, no DDP."""
+    """Train `runs` (callables, each called when its run enters the pack — its setup is made then,
+    not before — and returning an object with `.trainer`, `.finish(stats)` and `.abort(err)`, or
+    a finished result) `size` at a time; returns each run's `finish(stats)` result, or the
+    exception that stopped that run, in order. One process, no DDP."""
     results: list = [None] * len(runs)
     queue, seats = list(enumerate(runs)), []
-    scaler, peak, due = None, 0, time.perf_counter() + PROGRESS_EVERY_S
-    while queue or seats:
-        while queue and len(seats) < size:
-            index, start = queue.pop(0)
-            try:
-                trainer, finish = start()
-            except Exception as err:  # noqa: BLE001 - the run's own failure; the others go on
-                results[index] = err
-                continue
-            if trainer.done:
-                results[index] = finish(trainer.finish())
-                continue
-            seats.append(Seat(index, trainer, finish, getattr(trainer.run_dir, "name", "")))
-        if not seats:
-            break
-        env = seats[0].trainer.env
-        if scaler is None:
-            scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
-        batches = [seat.next_batch() for seat in seats]
+    scaler, peak, due, env = None, 0, time.perf_counter() + PROGRESS_EVERY_S, None
+    try:
+        while queue or seats:
+            while queue and len(seats) < size:
+                index, start = queue.pop(0)
+                try:
+                    entry = start()
+                except Exception as err:  # noqa: BLE001 - the run's own failure; the others go on
+                    results[index] = err
+                    continue
+                if not hasattr(entry, "trainer"):  # finished before: nothing to train
+                    results[index] = entry
+                elif entry.trainer.done:
+                    results[index] = entry.finish(entry.trainer.finish())
+                else:
+                    seats.append(Seat(index, entry, getattr(entry.trainer.run_dir, "name", "")))
+            if not seats:
+                break
+            env = seats[0].trainer.env
+            if scaler is None:
+                scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+            _packed_step(seats, scaler, env)
+            peak = max(peak, _memory(env.device))
+            for seat in list(seats):
+                try:
+                    done = _advance(seat)
+                    if done:
+                        results[seat.index] = seat.entry.finish(seat.trainer.finish())
+                except Exception as err:  # noqa: BLE001 - this run stops (its last epoch is saved)
+                    results[seat.index] = err
+                    seat.entry.abort(err)
+                    done = True
+                if done:
+                    seats.remove(seat)  # its model, optimiser and batches go with it
+            if progress is not None and time.perf_counter() >= due and seats:
+                progress("pack: " + ", ".join(f"{s.name or s.index} epoch {s.trainer.epoch + 1}/"
+                                              f"{s.trainer.plan.epochs} step {s.step}" for s in seats))
+                due = time.perf_counter() + PROGRESS_EVERY_S
+    except BaseException as err:  # Ctrl-C: every run in the pack keeps its last finished epoch
         for seat in seats:
-            seat.meter.lrs.append(seat.trainer.set_lr(seat.step))
-            seat.trainer.optimizer.zero_grad(set_to_none=True)
-        with autocast(env.device, env.precision):
-            outs = Pack().run([lambda s=s, b=b: s.trainer.model.loss_and_logits(*b)
-                               for s, b in zip(seats, batches)])
-        scaler.scale(sum(loss for loss, _ in outs)).backward()
-        for seat, (loss, logits), (_, labels) in zip(seats, outs, batches):
-            scaler.step(seat.trainer.optimizer)
-            seat.meter.add(loss, logits.detach(), labels)
-        scaler.update()
-        peak = max(peak, _memory(env.device))
-        for seat in list(seats):
-            try:
-                left = _advance(seat)
-            except Exception as err:  # noqa: BLE001 - this run stops (its last epoch is saved)
-                results[seat.index] = err
-                seats.remove(seat)
-                continue
-            if left:
-                results[seat.index] = seat.finish(seat.trainer.finish())
-                seats.remove(seat)  # its model, optimiser and batches go with it
-        if progress is not None and time.perf_counter() >= due and seats:
-            progress("pack: " + ", ".join(f"{s.name or s.index} epoch {s.trainer.epoch + 1}/"
-                                          f"{s.trainer.plan.epochs} step {s.step}" for s in seats))
-            due = time.perf_counter() + PROGRESS_EVERY_S
-    log(f"pack of up to {size} runs: peak memory {peak / 2**20:.0f} MiB "
-        f"({'GPU allocated' if str(getattr(env, 'device', 'cpu')).startswith('cuda') else 'process RSS'})"
-        if runs else "pack: no runs")
+            seat.entry.abort(err)
+        raise
+    if env is not None:
+        where = "GPU memory allocated" if env.device.type == "cuda" else "process resident memory"
+        log(f"pack of up to {size} runs: peak {where} {peak / 2**20:.0f} MiB")
     return results
+
+
+def _packed_step(seats: list, scaler, env) -> None:
+    """One optimiser step of every seated run: their batches, one packed forward, one backward."""
+    batches = [seat.next_batch() for seat in seats]
+    for seat in seats:
+        seat.meter.lrs.append(seat.trainer.set_lr(seat.step))
+        seat.trainer.optimizer.zero_grad(set_to_none=True)
+    with autocast(env.device, env.precision):
+        outs = Pack().run([lambda s=s, b=b: s.trainer.model.loss_and_logits(*b)
+                           for s, b in zip(seats, batches)])
+    scaler.scale(sum(loss for loss, _ in outs)).backward()
+    for seat, (loss, logits), (_, labels) in zip(seats, outs, batches):
+        scaler.step(seat.trainer.optimizer)
+        seat.meter.add(loss, logits.detach(), labels)
+    scaler.update()
 
 
 def _advance(seat: Seat) -> bool:

@@ -43,6 +43,16 @@ def parser() -> argparse.ArgumentParser:
                    help="training images per class (default 16; every class needs that many)")
     p.add_argument("--seed", type=int, default=default.seed,
                    help="seed of the few-shot draw, the learned parameters' init and the data order")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="several runs, one per seed (comma-separated, e.g. 1,2,3), trained together "
+                        "(--pack); with --datasets, every dataset x seed")
+    p.add_argument("--datasets", default=None, metavar="LIST",
+                   help="several runs, one per dataset (comma-separated), trained together (--pack)")
+    p.add_argument("--pack", type=int, default=8, metavar="N",
+                   help="with --seeds / --datasets: train up to N runs of the method in one pass "
+                        "over the frozen backbone (memory grows with N; 1: one after the other). "
+                        "Each run gets its own directory: OUT/DATASET/METHOD/seedN with --out OUT, "
+                        "else runs/DATASET/METHOD/seedN")
     p.add_argument("--subsample", choices=["base", "all"], default=default.subsample,
                    help="base: train on the first half of the classes, test on them (base) and on "
                         "the other half (novel, never trained on) and report the HM; all: train "
@@ -106,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     numbers are checked when it becomes a TrainConfig (`config_from_args`)."""
     p = parser()
     args = p.parse_args(argv)
-    args.recipe = {}
+    args.recipe, args.argv = {}, argv
     if args.config:
         _apply_config(p, args, argv)
     return args
@@ -264,6 +274,9 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     config = config_from_args(args)
+    configs = sweep_configs(args, config)
+    if configs is not None:
+        return run_many(configs, args.pack)
     if args.eval_only:
         if not args.run:
             raise InputError("--eval-only needs --run RUN_DIR")
@@ -276,6 +289,67 @@ def run(args) -> int:
     print(closing_block(metrics, metrics.get("run_dir")))
     print(format_metrics(metrics))
     return 0
+
+
+def _list(text: str, flag: str, kind=str) -> list:
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be a comma-separated list, got {text!r}") from None
+    if not items or len(set(items)) != len(items):
+        raise InputError(f"{flag} must list distinct values, got {text!r}")
+    return items
+
+
+def sweep_configs(args, config: TrainConfig) -> list[TrainConfig] | None:
+    """The runs of --seeds / --datasets (every dataset x seed, each in its own directory), or
+    None for one run."""
+    import dataclasses
+
+    if args.seeds is None and args.datasets is None:
+        return None
+    if args.eval_only:
+        raise InputError("--eval-only evaluates one run: drop --seeds / --datasets")
+    given = set(sys.argv[1:]) if args.argv is None else set(args.argv)
+    for one, many in (("--seed", args.seeds), ("--dataset", args.datasets)):
+        if many is not None and any(a == one or a.startswith(one + "=") for a in given):
+            raise InputError(f"{one} and {one}s both given: use {one}s alone")
+    seeds = _list(args.seeds, "--seeds", int) if args.seeds is not None else [config.seed]
+    datasets = (_list(args.datasets, "--datasets") if args.datasets is not None
+                else [config.dataset_name])
+    if args.pack < 1:
+        raise InputError(f"--pack must be an integer >= 1, got {args.pack}")
+    out = []
+    for dataset in datasets:
+        for seed in seeds:
+            run = dataclasses.replace(config, dataset=dataset, seed=seed, out=None)
+            if config.out:
+                run = dataclasses.replace(run, out=str(Path(config.out) / dataset / config.method
+                                                       / f"seed{seed}"))
+            out.append(run.validate())
+    return out
+
+
+def run_many(configs: list[TrainConfig], pack: int) -> int:
+    """Train the runs together (`fastprompt.fit_many`) and print each one's closing block; a run
+    that failed is one error line naming its directory (exit status 2 if any failed)."""
+    from .errors import FastpromptError
+    from .runlog import closing_block
+    from .sweep import fit_many
+
+    results = fit_many(configs, pack=pack, log=_say, warn=_warn, progress=_say)
+    failed = 0
+    for config, result in zip(configs, results):
+        if isinstance(result, BaseException):
+            if not isinstance(result, (FastpromptError, OSError)):
+                raise result
+            failed += 1
+            print(f"error: run {config.run_dir}: {first_line(result)}", file=sys.stderr, flush=True)
+        elif result is not None:
+            print(f"\n{config.dataset_name} seed {config.seed}:")
+            print(closing_block(result, result.get("run_dir")))
+            print(format_metrics(result))
+    return 2 if failed else 0
 
 
 def format_metrics(m: dict) -> str:

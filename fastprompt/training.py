@@ -90,10 +90,14 @@ def train(model, recipe: Recipe, data: list, run_dir: Path, env: TrainEnv, resum
     epoch where stderr is no terminal (a terminal gets tqdm's bar); neither if `env.progress` is off.
     `val` (list of Datum) is there for methods that choose something on it (Tip-Adapter's α, β).
     One run alone; `fastprompt.sweep` steps several `Trainer`s together."""
-    trainer = Trainer(model, recipe, data, run_dir, env, resume, extra, log, val)
+    return run_alone(Trainer(model, recipe, data, run_dir, env, resume, extra, log, val), progress)
+
+
+def run_alone(trainer: "Trainer", progress=None) -> dict:
+    """Drive one run's `Trainer` to its end: eager, DDP or CUDA-graph steps (`make_step`)."""
     if not trainer.done:
-        step_fn = make_step(model, env, log)
-        scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+        step_fn = make_step(trainer.model, trainer.env, trainer.log)
+        scaler = torch.amp.GradScaler(trainer.env.device.type, enabled=trainer.env.precision == "fp16")
         while not trainer.done:
             stats = _run_epoch(step_fn, trainer, scaler, trainer.loader(), trainer.epoch, progress)
             trainer.end_epoch(stats)

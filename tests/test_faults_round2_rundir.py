@@ -215,7 +215,7 @@ def test_a_run_that_dies_before_its_first_epoch_leaves_no_folder(flowers, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setattr(training, "run_alone", interrupted)
     out = tmp_path / "runs" / "r"
     code, _, err = run([*COMMON, "--data-root", str(flowers), "--out", str(out)], capsys)
     assert code == 130 and not (tmp_path / "runs").exists(), err

@@ -50,13 +50,26 @@ def solo(method, tmp_path):
         train(model(method, seed), recipe, items(seed), tmp_path / f"solo{seed}", env(seed), log=quiet)
 
 
+class Entry:
+    """What train_packed takes from a run that enters the pack (sweep.Entry without a run dir)."""
+
+    def __init__(self, trainer, seed):
+        self.trainer, self.seed, self.aborted = trainer, seed, None
+
+    def finish(self, stats):
+        return self.seed, stats
+
+    def abort(self, err):
+        self.aborted = err
+
+
 def starts(method, tmp_path, resume=False, recipes=None):
     out = []
     for seed, recipe in (recipes or RUNS):
         def start(seed=seed, recipe=recipe):
             t = Trainer(model(method, seed), recipe, items(seed), tmp_path / f"pack{seed}", env(seed),
                         resume=resume, log=quiet)
-            return t, lambda stats, seed=seed: (seed, stats)
+            return Entry(t, seed)
         out.append(start)
     return out
 
