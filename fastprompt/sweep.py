@@ -27,23 +27,26 @@ from .runtime import autocast
 from .training import PROGRESS_EVERY_S, SYNC_EVERY, EpochMeter, Trainer
 
 
-def fit_many(configs: list, pack: int = 8, log=None, warn=None, progress=None) -> list:
+def fit_many(configs: list, pack: int = 8, log=None, warn=None, progress=None, on_done=None) -> list:
     """Train and evaluate every run of `configs` (TrainConfig), up to `pack` runs of one method
     and backbone at a time in one packed pass (`train_packed`); returns each run's metrics, or
     the exception that stopped it, in order. A run already finished in its directory is reported,
     not trained again (`jobs.finished_metrics`); `pack=1`, or torchrun's several processes (DDP
-    splits each run's batches instead), trains them one after the other."""
+    splits each run's batches instead), trains them one after the other. `on_done(i, result)` is
+    called as each run ends (a table writes its cell then)."""
     from .jobs import fit
     from .runtime import distributed_world
 
     log = log or (lambda line: None)
+    done = on_done or (lambda i, result: None)
     if pack <= 1 or distributed_world() > 1:
         out = []
-        for config in configs:
+        for i, config in enumerate(configs):
             try:
                 out.append(fit(config, log, warn, progress))
             except Exception as err:  # noqa: BLE001 - one run's failure; the others go on
                 out.append(err)
+            done(i, out[-1])
         return out
     results: list = [None] * len(configs)
     groups: dict = {}
@@ -52,7 +55,8 @@ def fit_many(configs: list, pack: int = 8, log=None, warn=None, progress=None) -
     for indices in groups.values():
         backbone: dict = {}
         starts = [lambda c=configs[i]: _enter(c, backbone, log, warn, progress) for i in indices]
-        for i, result in zip(indices, train_packed(starts, pack, log, progress)):
+        for i, result in zip(indices, train_packed(starts, pack, log, progress,
+                                                   lambda j, r, ix=indices: done(ix[j], r))):
             results[i] = result
     return results
 
@@ -143,12 +147,13 @@ class Seat:
         return images.to(t.env.device, non_blocking=True), labels.to(t.env.device, non_blocking=True)
 
 
-def train_packed(runs: list, size: int, log=print, progress=None) -> list:
+def train_packed(runs: list, size: int, log=print, progress=None, on_done=None) -> list:
     """Train `runs` (callables, each called when its run enters the pack — its setup is made then,
     not before — and returning an object with `.trainer`, `.finish(stats)` and `.abort(err)`, or
     a finished result) `size` at a time; returns each run's `finish(stats)` result, or the
-    exception that stopped that run, in order. One process, no DDP."""
-    results: list = [None] * len(runs)
+    exception that stopped that run, in order (`on_done(i, result)` as each one ends). One
+    process, no DDP."""
+    results = _Results(len(runs), on_done)
     queue, seats = list(enumerate(runs)), []
     scaler, peak, due, env = None, 0, time.perf_counter() + PROGRESS_EVERY_S, None
     try:
@@ -195,7 +200,20 @@ def train_packed(runs: list, size: int, log=print, progress=None) -> list:
     if env is not None:
         where = "GPU memory allocated" if env.device.type == "cuda" else "process resident memory"
         log(f"pack of up to {size} runs: peak {where} {peak / 2**20:.0f} MiB")
-    return results
+    return list(results)
+
+
+class _Results(list):
+    """The runs' results, in order; `on_done(i, result)` told of each as it is set."""
+
+    def __init__(self, n: int, on_done=None):
+        super().__init__([None] * n)
+        self.on_done = on_done
+
+    def __setitem__(self, i, result):
+        super().__setitem__(i, result)
+        if self.on_done is not None:
+            self.on_done(i, result)
 
 
 def _packed_step(seats: list, scaler, env) -> None:

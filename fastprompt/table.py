@@ -1,10 +1,17 @@
-"""`python -m fastprompt.table`: base-to-novel accuracy of every method over datasets and seeds.
+"""`python -m fastprompt.table`: the accuracy of every method over datasets and seeds.
 
-Trains each method with its default recipe (16 shots, base classes) on each dataset, by default the
-generated ones (`fastprompt.data.generated`) with the shipped pretrained tiny CLIP on the CPU, for a
-few seeds, and prints the base / novel / HM table averaged over seeds (markdown). `--readme
-README.md` also rewrites the table between the markers `<!-- table:begin -->` and
-`<!-- table:end -->` in that file.
+Trains each method with its default recipe (16 shots) on each dataset, by default the generated
+ones (`fastprompt.data.generated`) with the shipped pretrained tiny CLIP on the CPU, for a few
+seeds, and prints the table averaged over seeds (markdown): base / novel / HM (`--protocol
+base2novel`, the default) or the accuracy over all classes (`--protocol fewshot`). `--readme
+README.md` also rewrites the table between its markers in that file (`<!-- table:begin -->` ...,
+`<!-- table-fewshot:begin -->` ...).
+
+Each (dataset, method, seed) is a cell with a result file of its own under `--cells DIR`
+(`fastprompt.cells`): runs of one method train `--pack N` at a time in one packed pass, a cell
+already computed is not computed again (a killed table picks up where it stopped), and
+`--shard I/N` (or a Slurm array task, or a torchrun rank) computes the I-th of N disjoint parts;
+`--merge DIR...` builds the table from the cells present, saying which are missing.
 
 Every other flag goes to `python -m fastprompt.train` (see its --help) for each run, so real
 datasets in the CoOp layout work as they do there, e.g.
@@ -12,8 +19,8 @@ datasets in the CoOp layout work as they do there, e.g.
     python -m fastprompt.table --datasets oxford_pets,dtd --data-root ~/data \\
         --model ViT-B-16 --pretrained openai --device cuda --methods coop,maple
 
-The table sets --method, --dataset, --seed and --out itself (use --methods / --datasets /
---seeds) and always trains base-to-novel (--subsample base).
+The table sets --method, --dataset, --seed, --out and --subsample itself (use --methods /
+--datasets / --seeds / --protocol).
 """
 from __future__ import annotations
 
@@ -21,17 +28,18 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import InputError, first_line, short_repr
+from .errors import InputError, first_line
 from .files import write_json
+from .tablefile import (BEGIN, COLUMNS, END, chance, markdown, read_results,  # noqa: F401
+                        readme_parts, summarize, write_readme)
 
-BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
+SUBSAMPLE = {"base2novel": "base", "fewshot": "all"}
 #: train-CLI settings that the table decides for each run (dest -> the table's own flag)
 RESERVED = {"method": "--methods", "dataset": "--datasets", "seed": "--seeds", "out": None,
             "resume": None, "eval_only": None, "run": None, "subsample": None, "overwrite": None}
@@ -45,14 +53,14 @@ def table_methods() -> list[str]:
 
 
 def cell_config(method: str, dataset: str, seed: int = 1, pretrained: str | None = "shapes",
-                out=None, base: TrainConfig | None = None) -> TrainConfig:
+                out=None, base: TrainConfig | None = None, protocol: str = "base2novel") -> TrainConfig:
     """The TrainConfig of one table run: `base` (the train flags passed through; default: the
-    CPU, no progress lines) for `method` on `dataset`, base-to-novel. `pretrained` None is random
-    init."""
+    CPU, no progress lines) for `method` on `dataset`, base-to-novel (or all classes, `fewshot`).
+    `pretrained` None is random init."""
     base = base or TrainConfig(device="cpu", progress=False)
-    return dataclasses.replace(base, method=method, dataset=dataset, seed=seed, subsample="base",
-                               pretrained=pretrained or "none", out=None if out is None else str(out),
-                               resume=False, overwrite=False)
+    return dataclasses.replace(base, method=method, dataset=dataset, seed=seed,
+                               subsample=SUBSAMPLE[protocol], pretrained=pretrained or "none",
+                               out=None if out is None else str(out), resume=False, overwrite=False)
 
 
 def run_one(method: str, dataset: str, seed: int, pretrained: str | None = "shapes", out=None,
@@ -69,144 +77,94 @@ def run_one(method: str, dataset: str, seed: int, pretrained: str | None = "shap
 
 
 def zero_shot(dataset: str, pretrained: str | None = "shapes", split: str = "test",
-              base: TrainConfig | None = None) -> dict:
+              base: TrainConfig | None = None, protocol: str = "base2novel") -> dict:
     """Zero-shot CLIP (CoOp's prompt of the dataset) on the base and the novel classes of
-    `dataset`, with the backbone, data and evaluation settings of `base`; no run directory."""
+    `dataset` (all classes: `fewshot`), with the backbone, data and evaluation settings of `base`;
+    no run directory."""
     from .clip import load_clip
     from .data import load_dataset, split_base_novel
     from .jobs import zero_shot_scores
     from .methods import reference_method
     from .runtime import runtime_env
 
-    config = dataclasses.replace(cell_config(reference_method(), dataset, 1, pretrained, base=base),
-                                 eval_split=split)
+    config = dataclasses.replace(cell_config(reference_method(), dataset, 1, pretrained, base=base,
+                                             protocol=protocol), eval_split=split)
     env = runtime_env(config)
     clip = load_clip(config.model, config.weights, seed=config.backbone_seed, device=env.device,
                      quick_gelu=config.quick_gelu)
-    return zero_shot_scores(config, clip, env, *split_base_novel(load_dataset(dataset, config.data_root)))
+    data = load_dataset(dataset, config.data_root)
+    halves = split_base_novel(data) if protocol == "base2novel" else (data, None)
+    return zero_shot_scores(config, clip, env, *halves)
 
 
 def collect(methods, datasets, seeds, pretrained: str | None = "shapes", log=print,
-            base: TrainConfig | None = None) -> dict:
-    """{(dataset, method): [per-seed metrics]}; `base`: the train settings of every run. The
-    reference method (zero-shot) does not depend on the seed: it is evaluated once per dataset and
-    repeated for each seed."""
+            base: TrainConfig | None = None, cells=None, pack: int = 8, shard=(0, 1),
+            protocol: str = "base2novel") -> tuple[dict, list[str]]:
+    """Compute this shard's cells of the table (`fastprompt.cells`) and read every cell present:
+    ({(dataset, method): [per-seed metrics]}, names of the cells still missing). `base`: the
+    train settings of every run; `cells`: the cells folder (default: a temporary one)."""
+    from .cells import CellStore, grid, units
     from .methods import reference_method
 
-    results = {}
-    for dataset in datasets:
-        for method in methods:
-            rows = []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                if method == reference_method() and rows:
-                    m = rows[0]
-                else:
-                    m = run_one(method, dataset, seed, pretrained, base=base)
-                rows.append({"seed": seed, **{k: m[k] for k in ("base_acc", "novel_acc", "hm")}})
-                if log:
-                    log(f"{dataset} {method} seed {seed}: base {m['base_acc']:.1f} novel "
-                        f"{m['novel_acc']:.1f} hm {m['hm']:.1f} ({time.perf_counter() - t0:.0f} s)")
-            results[(dataset, method)] = rows
-    return results
+    reference = reference_method()
+    every = grid(list(methods), list(datasets), list(seeds), reference)
+    with contextlib.ExitStack() as stack:
+        if cells is None:
+            cells = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastprompt-table-"))
+        store = CellStore(cells)
+        configs = {c: cell_config(c.method, c.dataset, c.seed, pretrained, store.run_dir(c), base,
+                                  protocol) for c in every}
+        index, count = shard
+        for unit in units(every, pack, reference)[index::count]:
+            _compute(unit, store, configs, reference, protocol, log)
+        present = {c: store.read(c, _settings(configs[c])) for c in every}
+    found = {c: m for c, m in present.items() if m is not None}
+    return _rows(found, methods, datasets, seeds, reference, protocol)
 
 
-def chance(dataset: str, root=None) -> tuple[float, float]:
-    """Chance accuracy (percent) on the base and on the novel half of `dataset` (under `root`,
-    the --data-root, for the datasets that live on disk)."""
-    from .data import load_dataset, split_base_novel
+def _cell(dataset, method, seed):
+    from .cells import Cell
 
-    base, novel = split_base_novel(load_dataset(dataset, root))
-    return 100 / len(base.classnames), 100 / len(novel.classnames)
+    return Cell(dataset, method, seed)
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Seed-averaged base and novel accuracy, and the HM of those averages (as the papers report
-    it: CoCoOp's 75.83 = HM(80.47, 71.69), not the mean of per-seed HMs)."""
-    from .scoring import harmonic_mean
+def _settings(config) -> dict:
+    from .cells import settings
 
-    base = sum(r["base_acc"] for r in rows) / len(rows)
-    novel = sum(r["novel_acc"] for r in rows) / len(rows)
-    return {"base_acc": base, "novel_acc": novel, "hm": harmonic_mean(base, novel)}
+    return settings(config)
 
 
-def markdown(results: dict, seeds, root=None) -> str:
-    """The table: one row per (dataset, method) and, over several datasets, an average row per
-    method (mean base, mean novel over datasets, HM of those means)."""
-    lines = ["| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
-    summary = {key: summarize(rows) for key, rows in results.items()}
-    datasets = list(dict.fromkeys(d for d, _ in results))
-    rows = list(summary.items())
-    if len(datasets) > 1:
-        for method in dict.fromkeys(m for _, m in results):
-            per = [summary[(d, method)] for d in datasets if (d, method) in summary]
-            if len(per) == len(datasets):
-                rows.append((("average", method), summarize(per)))
-    for (dataset, method), m in rows:
-        if not all(math.isfinite(m[k]) for k in ("base_acc", "novel_acc", "hm")):
-            raise InputError(f"the {dataset} / {method} row is not finite ({m}): no table is written")
-        lines.append(f"| {dataset} | {method} | {m['base_acc']:.1f} | {m['novel_acc']:.1f} "
-                     f"| {m['hm']:.1f} |")
-    odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d, root))}" for d in datasets)
-    return "\n".join(lines) + (f"\n\nBase and novel: mean over seeds {', '.join(map(str, seeds))}; "
-                               f"HM of those means; average rows: mean over datasets. "
-                               f"Chance (base/novel, %): {odds}.")
+def _compute(unit: list, store, configs: dict, reference: str, protocol: str, log) -> None:
+    """The unit's cells that have no result yet: the reference method evaluated, the others
+    trained in one packed pass (`fastprompt.fit_many`); each result written when its run ends.
+    A cell whose run was cut short resumes; one that failed is said and left without a result."""
+    from .sweep import fit_many
 
+    todo = [c for c in unit if store.read(c, _settings(configs[c])) is None]
+    if not todo:
+        return
+    t0 = time.perf_counter()
 
-def readme_parts(path: Path) -> tuple[str, str]:
-    """The text of `path` before its BEGIN marker and from its END marker on (InputError, one
-    line, if the file is not UTF-8 text with BEGIN before END)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text: give the README (markdown) to write the "
-                         f"table into") from None
-    begin = text.find(BEGIN)
-    end = text.find(END, begin + len(BEGIN)) if begin >= 0 else -1
-    if end < 0:
-        raise InputError(f"{path} has no {BEGIN} followed by {END}: put the two markers, in this "
-                         f"order, where the table goes")
-    return text[:begin], text[end:]
+    def done(i, metrics):
+        cell = todo[i]
+        if isinstance(metrics, BaseException):
+            log(f"{cell.name}: failed ({first_line(metrics)}); run the table again to retry it")
+            return
+        store.write(cell, metrics, _settings(configs[cell]))
+        shown = ", ".join(f"{k.replace('_acc', '')} {metrics[k]:.1f}" for k in COLUMNS[protocol])
+        log(f"{cell.name}: {shown} ({time.perf_counter() - t0:.0f} s)")
 
-
-def write_readme(path: Path, table: str) -> None:
-    """Replace the table between the markers of `path` (written atomically)."""
-    from .files import write_text
-
-    head, tail = readme_parts(path)
-    write_text(path, head + BEGIN + "\n" + table + "\n" + tail)
-
-
-def read_results(path: Path) -> dict:
-    """{(dataset, method): rows} from a file written by --json (InputError, one line, if not):
-    each row's accuracies are numbers from 0 to 100, its seed an integer."""
-    from .readers import loads
-
-    def bad(why: str):
-        return InputError(f"{path} is not a table written by --json: {why}")
-
-    try:
-        saved = loads(path.read_bytes())
-    except ValueError as err:  # not UTF-8, not JSON, NaN, too deep
-        raise bad(first_line(err)[:80]) from None
-    if not isinstance(saved, dict) or not saved:
-        raise bad("no 'dataset/method' rows")
-    results = {}
-    for key, rows in saved.items():
-        name = tuple(key.rsplit("/", 1))
-        if len(name) != 2 or not all(name) or not isinstance(rows, list) or not rows:
-            raise bad(f"entry {key[:60]!r} is not 'dataset/method' with a list of rows")
-        for r in rows:
-            if not isinstance(r, dict):
-                raise bad(f"a row of {key[:60]!r} is {short_repr(r)}, not an object")
-            for k in ("base_acc", "novel_acc", "hm"):
-                v = r.get(k)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
-                    raise bad(f"'{k}' of {key[:60]!r} is {short_repr(v)}, not a percentage")
-            if "seed" in r and (isinstance(r["seed"], bool) or not isinstance(r["seed"], int)):
-                raise bad(f"'seed' of {key[:60]!r} is {short_repr(r['seed'])}, not an integer")
-        results[name] = [dict(r) for r in rows]
-    return results
+    if todo[0].method == reference:
+        for i, cell in enumerate(todo):
+            config = configs[cell]
+            done(i, zero_shot(cell.dataset, config.pretrained, base=config, protocol=protocol))
+        return
+    runs = []
+    for cell in todo:
+        run_dir = store.run_dir(cell)
+        cut_short = (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "metrics.json").is_file()
+        runs.append(dataclasses.replace(configs[cell], resume=cut_short, distributed=False))
+    fit_many(runs, pack=len(runs), on_done=done)
 
 
 def check_train_flags(parser: argparse.ArgumentParser, extra: list[str]) -> TrainConfig:
@@ -242,10 +200,28 @@ def _main(argv) -> int:
 
     p = Parser("python -m fastprompt.table", __doc__,
                allow_abbrev=False)  # a prefix must not swallow a train flag
-    p.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: every method the protocol applies to)")
     p.add_argument("--datasets", default=",".join(GENERATED_DATASETS),
                    help="comma-separated datasets (see python -m fastprompt.train --help)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; the table shows their mean")
+    p.add_argument("--protocol", choices=["base2novel", "fewshot"], default="base2novel",
+                   help="base2novel: train on the base half, test base and novel (HM); fewshot: "
+                        "train and test on every class")
+    p.add_argument("--cells", default=None, metavar="DIR",
+                   help="keep each cell's run and result here (runs/, cells/): a cell with a result "
+                        "is not computed again, a cut-short one resumes (default: a temporary "
+                        "folder, nothing kept; needed with --shard)")
+    p.add_argument("--pack", type=int, default=8, metavar="N",
+                   help="train up to N runs of a method together, one pass over the frozen "
+                        "backbone (1: one after the other)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="compute the I-th of N disjoint parts of the cells (1 <= I <= N); default: "
+                        "a Slurm array task's (SLURM_ARRAY_TASK_ID/COUNT) or torchrun's "
+                        "(RANK/WORLD_SIZE) part, else all")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="build the table from the cells in these --cells folders (no training), "
+                        "saying which are missing")
     p.add_argument("--readme", default=None, help="rewrite the table in this file")
     p.add_argument("--json", default=None, help="also write the per-seed results here")
     p.add_argument("--from-json", default=None,
@@ -254,24 +230,95 @@ def _main(argv) -> int:
     a, extra = p.parse_known_args(argv)
     train = check_train_flags(p, extra)
     if a.readme:
-        readme_parts(Path(a.readme))  # a README that cannot take the table: said before any run
-    try:
-        seeds = [int(s) for s in a.seeds.split(",")]
-    except ValueError:
-        raise InputError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+        readme_parts(Path(a.readme), a.protocol)  # a README that cannot take the table: said first
+    seeds = _ints(a.seeds, "--seeds")
+    methods = a.methods.split(",") if a.methods else method_names(protocol=a.protocol)
+    datasets = a.datasets.split(",")
+    missing: list = []
+    if a.pack < 1:
+        raise InputError(f"--pack must be an integer >= 1, got {a.pack}")
     if a.from_json:
         results = read_results(Path(a.from_json))
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
+    elif a.merge:
+        results, missing = merged(a.merge, methods, datasets, seeds, train, a.protocol)
     else:
-        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.weights,
-                          log=lambda m: print(m, flush=True), base=train)
-    table = markdown(results, seeds, train.data_root)
+        from .cells import shard_of
+
+        shard = shard_of(a.shard)
+        if shard[1] > 1 and a.cells is None:
+            raise InputError("--shard needs --cells DIR: where this part's cells are kept for "
+                             "--merge (a folder every shard can reach, or one per shard)")
+        results, missing = collect(methods, datasets, seeds, train.weights,
+                                   log=lambda m: print(m, flush=True), base=train, cells=a.cells,
+                                   pack=a.pack, shard=shard, protocol=a.protocol)
+        if shard[1] > 1:
+            print(f"shard {shard[0] + 1}/{shard[1]} done; {len(missing)} cells of the table are "
+                  f"missing here: python -m fastprompt.table --merge {a.cells} [other folders] "
+                  f"builds it", flush=True)
+            if missing:
+                return 0
+    if missing:
+        print(f"warning: {len(missing)} cells missing: {', '.join(missing[:10])}"
+              f"{' ...' if len(missing) > 10 else ''}", file=sys.stderr, flush=True)
+    if not results:
+        raise InputError("no cell of this table has a result: nothing to show")
+    table = markdown(results, seeds, train.data_root, missing)
     print(table)
     if a.json:
         write_json(Path(a.json), {f"{d}/{m}": r for (d, m), r in results.items()})
     if a.readme:
-        write_readme(Path(a.readme), table)
+        write_readme(Path(a.readme), table, a.protocol)
     return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def merged(folders: list, methods, datasets, seeds, base, protocol) -> tuple[dict, list[str]]:
+    """The table's rows from the cells found in `folders` (the --cells folders of its shards),
+    each made with this table's settings; a cell found in two folders must hold the same
+    accuracies. Also: the names of the cells found nowhere."""
+    from .cells import CellStore, grid
+    from .methods import reference_method
+
+    stores = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise InputError(f"--merge {folder}: no such folder")
+        stores.append(CellStore(folder))
+    reference = reference_method()
+    found: dict = {}
+    for cell in grid(list(methods), list(datasets), list(seeds), reference):
+        want = _settings(cell_config(cell.method, cell.dataset, cell.seed, base.weights, None, base,
+                                     protocol))
+        for store in stores:
+            m = store.read(cell, want)
+            if m is not None and found.setdefault(cell, m) != m:
+                raise InputError(f"{cell.name} has other accuracies in {store.root} than in "
+                                 f"another --merge folder: cells of two different tables")
+    return _rows(found, methods, datasets, seeds, reference, protocol)
+
+
+def _rows(found: dict, methods, datasets, seeds, reference, protocol) -> tuple[dict, list[str]]:
+    """({(dataset, method): per-seed rows}, missing cell names) from {cell: metrics}."""
+    results, missing = {}, []
+    for dataset in datasets:
+        for method in methods:
+            rows = []
+            for seed in seeds:
+                m = found.get(_cell(dataset, method, seeds[0] if method == reference else seed))
+                if m is None:
+                    missing.append(f"{dataset}/{method}/seed{seed}")
+                else:
+                    rows.append({"seed": seed, **{k: m[k] for k in COLUMNS[protocol]}})
+            if rows:
+                results[(dataset, method)] = rows
+    return results, missing
 
 
 if __name__ == "__main__":
