@@ -60,7 +60,8 @@ def cell_config(method: str, dataset: str, seed: int = 1, pretrained: str | None
     base = base or TrainConfig(device="cpu", progress=False)
     return dataclasses.replace(base, method=method, dataset=dataset, seed=seed,
                                subsample=SUBSAMPLE[protocol], pretrained=pretrained or "none",
-                               out=None if out is None else str(out), resume=False, overwrite=False)
+                               out=None if out is None else str(out), resume=False, overwrite=False,
+                               distributed=False)  # under torchrun each rank is a shard, alone
 
 
 def run_one(method: str, dataset: str, seed: int, pretrained: str | None = "shapes", out=None,
@@ -163,7 +164,7 @@ def _compute(unit: list, store, configs: dict, reference: str, protocol: str, lo
     for cell in todo:
         run_dir = store.run_dir(cell)
         cut_short = (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "metrics.json").is_file()
-        runs.append(dataclasses.replace(configs[cell], resume=cut_short, distributed=False))
+        runs.append(dataclasses.replace(configs[cell], resume=cut_short))
     fit_many(runs, pack=len(runs), on_done=done)
 
 
