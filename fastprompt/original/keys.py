@@ -42,7 +42,9 @@ class Layout:
     #: warnings to notes, raises OriginalCheckpointError (`err`) on a mismatch
     options: Callable
     known: frozenset = frozenset()  # config names read in TRAINER.<section>
-    flags: frozenset = frozenset()  # top-level config names read (LAMM's command-line flags)
+    #: config names read by their full key: top-level ones (LAMM's command-line flags) or dotted
+    #: ones (CLIP-Adapter's DATASET.NAME, its prompt)
+    flags: frozenset = frozenset()
     #: what `detect` calls a checkpoint of this layout (methods sharing a format share a kind)
     kind: str = ""
     #: sorted file keys -> the key that tells this kind, or None; None: another layout of the
@@ -53,6 +55,11 @@ class Layout:
     ignored_prefixes: tuple = ()
     #: parameters the method keeps frozen at their initial value: the file must hold exactly it
     frozen: frozenset = field(default_factory=frozenset)
+    #: formats that are not a Dassl state dict (Tip-Adapter's cache tensors): `find(layout, path)`
+    #: -> the file to read; `read(layout, file, clip, classnames, config, notes)` -> (the model's
+    #: options, fill(model) putting the tensors in)
+    find: Callable | None = None
+    read: Callable | None = None
 
 
 #: PREC is accepted in every section and not used (fastprompt computes in fp32 or the precision
@@ -134,7 +141,9 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
         if key == "MODEL.BACKBONE.NAME" and clip_name and str(value).replace("/", "-") != clip_name:
             unknown.append(f"{key}={value} (the backbone given is {clip_name})")
         ours = len(parts) == 1 or parts[:2] == ["TRAINER", layout.section] and len(parts) == 3
-        if ours and (parts[-1] in known or key in layout.flags):
+        if key in layout.flags:  # a name read by its full key (LAMM's flags, DATASET.NAME)
+            out[key] = value
+        elif ours and parts[-1] in known:
             out[parts[-1]] = value
         elif parts[0] not in SILENT and key not in SILENT:
             unknown.append(key)
