@@ -134,3 +134,21 @@ def test_release_files_import_to_the_golden_logits(parity_clip, tmp_path, method
     want = G["logits"] if method == "tip_adapter" else G["tipf/eval_tip_logits_after_step"]
     with torch.no_grad():
         assert float((model(G["images"].float()) - want).abs().max()) < LOGIT_ATOL
+
+
+def test_every_released_config_gives_its_grid_and_init_values():
+    """The cards' per-dataset settings reproduce each released configs/<dataset>.yaml: the exact
+    float64 beta/alpha lists of search_hp's list comprehensions, init_alpha and init_beta."""
+    from fastprompt.methods.tip_adapter import TipConfig
+    from fastprompt.methods.tip_search import grid
+    from fastprompt.recipes import recipe_for
+
+    names = {"fgvc": "fgvc_aircraft"}
+    for config, released in META["config"]["search_hp"]["grids_per_config"].items():
+        for method in ("tip_adapter", "tip_adapter_f"):
+            recipe = recipe_for(method, names.get(config, config))
+            c = TipConfig(**{k: v for k, v in recipe.options.items() if k != "templates"})
+            assert grid(c.search_beta, c.beta_steps) == released["beta_list"], config
+            assert grid(c.search_alpha, c.alpha_steps) == released["alpha_list"], config
+            assert (c.alpha, c.beta) == (released["init_alpha"], released["init_beta"]), config
+            assert recipe.epochs == (released["train_epoch"] if method == "tip_adapter_f" else 0)
