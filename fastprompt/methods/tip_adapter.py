@@ -1,4 +1,4 @@
-"""Tip-Adapter (training-free) and Tip-Adapter-F (keys tuned): a cache of few-shot image features.
+"""Tip-Adapter (training-free): a cache of few-shot image features beside zero-shot CLIP.
 
 Cache (utils.py build_cache_model): the N·K few-shot images pass `augment_epoch` times (10) through
 RandomResizedCrop(scale 0.5–1) + flip; keys K [N·K, E] = normalise(mean over the passes of the
@@ -10,8 +10,7 @@ f the normalised image feature, W the zero-shot classifier of the dataset's prom
 7-template ensemble), each template normalised, averaged, normalised again (utils.py
 clip_classifier); 100 is a literal, not CLIP's logit scale. α (the cache's weight) and β (its
 sharpness) start at the config file's init values and are then searched on the validation
-features (`search`). Tip-Adapter-F trains K (the release's `adapter.weight`, rows = keys, not
-re-normalised) with CE on these logits at the init α, β, then searches α, β again.
+features (`search`). Tip-Adapter-F (`tip_adapter_f.py`) also trains K.
 
 Nothing flows into the backbone: image features are computed without a graph, the cache once, the
 validation features once. The cache is part of the model: `cache_keys` and `cache_labels` (the
@@ -32,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError, InputError
 from .base import register
 from .heads import FeatureHead, HeadClassifier
-from .tip_files import TIP_F_LAYOUT, TIP_LAYOUT
+from .tip_files import TIP_LAYOUT
 from .tip_search import SCALE, grid, grid_correct
 from .zeroshot import ZeroShotConfig
 
@@ -40,54 +39,40 @@ from .zeroshot import ZeroShotConfig
 #: per-dataset settings are each released configs/<dataset>.yaml's: search_scale [beta, alpha] and
 #: init_alpha (init_beta is 1 everywhere); ImageNet's are the defaults, its prompt the 7-template
 #: ensemble (main_imagenet.py), and its search is off: its validation split is its test set.
-#: Tip-Adapter-F: AdamW (lr 1e-3, eps 1e-4, torch's weight decay 0.01), the cosine stepped per
-#: iteration to 0, batch 256, 20 epochs (EuroSAT 100), no warm-up.
 CARDS = {
     "tip_adapter": {
-        "about": "training-free cache of the few-shot image features beside zero-shot CLIP (Tip-Adapter)",
+        "about": "training-free cache of few-shot image features beside zero-shot CLIP (Tip-Adapter)",
         "recipes": {"base2novel": {
             "epochs": 0, "warmup_epochs": 0, "batch_size": 256, "crop_scale": [0.5, 1.0],
             "source": "Tip-Adapter main.py run_tip_adapter + configs/<dataset>.yaml"}},
         "datasets": {
             "imagenet": {"options": {"search": False, "templates": [
-                "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                "a {} in a video game.", "art of the {}.", "a photo of the small {}."]},
+                "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                "a photo of the small {}."]},
                 "source": "Tip-Adapter configs/imagenet.yaml, main_imagenet.py"},
-            "caltech101": {"options": {"search_beta": 12.0, "search_alpha": 5.0, "alpha": 3.0}, "source": "Tip-Adapter configs/caltech101.yaml"},
-            "dtd": {"options": {"search_beta": 13.0, "search_alpha": 13.0, "alpha": 2.0}, "source": "Tip-Adapter configs/dtd.yaml"},
-            "eurosat": {"options": {"search_beta": 12.0, "search_alpha": 10.0, "alpha": 2.0}, "source": "Tip-Adapter configs/eurosat.yaml"},
-            "fgvc_aircraft": {"options": {"search_beta": 30.0, "search_alpha": 30.0, "alpha": 5.0}, "source": "Tip-Adapter configs/fgvc.yaml"},
-            "food101": {"options": {"search_beta": 10.0, "search_alpha": 10.0}, "source": "Tip-Adapter configs/food101.yaml"},
-            "oxford_flowers": {"options": {"search_beta": 50.0, "search_alpha": 50.0, "alpha": 10.0}, "source": "Tip-Adapter configs/oxford_flowers.yaml"},
+            "caltech101": {"options": {"search_beta": 12.0, "search_alpha": 5.0, "alpha": 3.0},
+                           "source": "Tip-Adapter configs/caltech101.yaml"},
+            "dtd": {"options": {"search_beta": 13.0, "search_alpha": 13.0, "alpha": 2.0},
+                    "source": "Tip-Adapter configs/dtd.yaml"},
+            "eurosat": {"options": {"search_beta": 12.0, "search_alpha": 10.0, "alpha": 2.0},
+                        "source": "Tip-Adapter configs/eurosat.yaml"},
+            "fgvc_aircraft": {"options": {"search_beta": 30.0, "search_alpha": 30.0, "alpha": 5.0},
+                              "source": "Tip-Adapter configs/fgvc.yaml"},
+            "food101": {"options": {"search_beta": 10.0, "search_alpha": 10.0},
+                        "source": "Tip-Adapter configs/food101.yaml"},
+            "oxford_flowers": {"options": {"search_beta": 50.0, "search_alpha": 50.0,
+                                           "alpha": 10.0},
+                               "source": "Tip-Adapter configs/oxford_flowers.yaml"},
             "oxford_pets": {"source": "Tip-Adapter configs/oxford_pets.yaml"},
-            "stanford_cars": {"options": {"search_beta": 20.0, "search_alpha": 10.0, "alpha": 3.0}, "source": "Tip-Adapter configs/stanford_cars.yaml"},
-            "sun397": {"options": {"search_beta": 12.0, "search_alpha": 10.0}, "source": "Tip-Adapter configs/sun397.yaml"},
+            "stanford_cars": {"options": {"search_beta": 20.0, "search_alpha": 10.0, "alpha": 3.0},
+                              "source": "Tip-Adapter configs/stanford_cars.yaml"},
+            "sun397": {"options": {"search_beta": 12.0, "search_alpha": 10.0},
+                       "source": "Tip-Adapter configs/sun397.yaml"},
             "ucf101": {"options": {"alpha": 3.0}, "source": "Tip-Adapter configs/ucf101.yaml"},
         },
     },
-    "tip_adapter_f": {
-        "about": "Tip-Adapter's cache with its keys fine-tuned (Tip-Adapter-F)",
-        "recipes": {"base2novel": {
-            "epochs": 20, "warmup_epochs": 0, "batch_size": 256, "lr": 0.001, "optimizer": "adamw",
-            "eps": 0.0001, "weight_decay": 0.01, "schedule": "iteration", "crop_scale": [0.5, 1.0],
-            "source": "Tip-Adapter main.py run_tip_adapter_F + configs/<dataset>.yaml"}},
-        "datasets": {
-            "imagenet": {"options": {"search": False, "templates": [
-                "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                "a {} in a video game.", "art of the {}.", "a photo of the small {}."]},
-                "source": "Tip-Adapter configs/imagenet.yaml, main_imagenet.py"},
-            "caltech101": {"options": {"search_beta": 12.0, "search_alpha": 5.0, "alpha": 3.0}, "source": "Tip-Adapter configs/caltech101.yaml"},
-            "dtd": {"options": {"search_beta": 13.0, "search_alpha": 13.0, "alpha": 2.0}, "source": "Tip-Adapter configs/dtd.yaml"},
-            "eurosat": {"options": {"search_beta": 12.0, "search_alpha": 10.0, "alpha": 2.0}, "source": "Tip-Adapter configs/eurosat.yaml", "epochs": 100},
-            "fgvc_aircraft": {"options": {"search_beta": 30.0, "search_alpha": 30.0, "alpha": 5.0}, "source": "Tip-Adapter configs/fgvc.yaml"},
-            "food101": {"options": {"search_beta": 10.0, "search_alpha": 10.0}, "source": "Tip-Adapter configs/food101.yaml"},
-            "oxford_flowers": {"options": {"search_beta": 50.0, "search_alpha": 50.0, "alpha": 10.0}, "source": "Tip-Adapter configs/oxford_flowers.yaml"},
-            "oxford_pets": {"source": "Tip-Adapter configs/oxford_pets.yaml"},
-            "stanford_cars": {"options": {"search_beta": 20.0, "search_alpha": 10.0, "alpha": 3.0}, "source": "Tip-Adapter configs/stanford_cars.yaml"},
-            "sun397": {"options": {"search_beta": 12.0, "search_alpha": 10.0}, "source": "Tip-Adapter configs/sun397.yaml"},
-            "ucf101": {"options": {"alpha": 3.0}, "source": "Tip-Adapter configs/ucf101.yaml"},
-        },
-    },
+
 }
 
 
@@ -130,7 +115,8 @@ class TipAdapter(FeatureHead):
     def __init__(self, clip, classnames, config):
         super().__init__(clip, classnames, config)
         c = self.config
-        for name, low in (("beta_steps", 1), ("alpha_steps", 1), ("augment_epoch", 0), ("cache_size", 0)):
+        for name, low in (("beta_steps", 1), ("alpha_steps", 1), ("augment_epoch", 0),
+                          ("cache_size", 0)):
             if getattr(c, name) < low:
                 raise ValueError(f"{name}={getattr(c, name)} must be >= {low}")
         if min(c.search_beta, c.search_alpha) <= 0.1:
@@ -210,8 +196,8 @@ class TipAdapter(FeatureHead):
         what it found."""
         c = self.config
         betas, alphas = grid(c.search_beta, c.beta_steps), grid(c.search_alpha, c.alpha_steps)
-        counts = grid_correct(features, labels, self.text_features().float(), self.cache_keys.float(),
-                              self.cache_labels, betas, alphas)
+        counts = grid_correct(features, labels, self.text_features().float(),
+                              self.cache_keys.float(), self.cache_labels, betas, alphas)
         best = int(counts.argmax())  # flattened β-major: the first maximum is the release's
         i, j = divmod(best, len(alphas))
         found = int(counts.view(-1)[best]) > 0
@@ -225,20 +211,22 @@ class TipAdapter(FeatureHead):
         if context.recipe.trains and not self.trains_keys:
             raise InputError(f"{self.name} is training-free: use --epochs 0, or tip_adapter_f to "
                              f"fine-tune the cache keys")
-        feats, labels = context.features(self.encode, context.train, views=self.config.augment_epoch)
+        feats, labels = context.features(self.encode, context.train,
+                                         views=self.config.augment_epoch)
         self.build_cache(feats, labels)
         self.notes = []
         if self.config.select_on_test:
             text = ("select_on_test=true: alpha/beta (and Tip-Adapter-F's epoch) are chosen on the "
-                    "validation split, which for ImageNet is the test set: accuracy on it is optimistic")
+                    "validation split, which for ImageNet is the test set: accuracy on it is "
+                    "optimistic")
             warnings.warn(text, UserWarning, stacklevel=2)
             self.notes.append(text)
 
     def end_training(self, context) -> None:
         c = self.config
         if not (c.search or c.select_on_test):
-            self.notes.append(f"alpha {c.alpha:g}, beta {c.beta:g}: the config's values, not searched "
-                              f"(search=false)")
+            self.notes.append(f"alpha {c.alpha:g}, beta {c.beta:g}: the config's values, not "
+                              f"searched (search=false)")
             return
         if not context.val:
             self.notes.append(f"no validation images: alpha {c.alpha:g}, beta {c.beta:g} kept")
@@ -261,8 +249,8 @@ class TipAdapter(FeatureHead):
         classes without cache entries are scored by the zero-shot part alone."""
         lines = list(self.notes)
         if novel:
-            lines.append(f"{self.name}: the {len(novel)} novel classes have no cache entries: their "
-                         f"accuracy is zero-shot CLIP's (100 f W only)")
+            lines.append(f"{self.name}: the {len(novel)} novel classes have no cache entries: "
+                         f"their accuracy is zero-shot CLIP's (100 f W only)")
         return lines
 
     def extra_repr(self) -> str:
@@ -283,57 +271,3 @@ class TipClassifier(HeadClassifier):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return tip_logits(self.features(images), self.text_features, self.cache_keys,
                           self.cache_values, self.alpha, self.beta)
-
-
-@register("tip_adapter_f")
-class TipAdapterF(TipAdapter):
-    """The keys trained; with `select_on_test`, the epoch whose tip logits (init α, β) score best
-    on the validation split is kept (the release's rule, on its test split)."""
-
-    original_layout = TIP_F_LAYOUT
-    trains_keys = True
-    _best = None  # (correct, epoch, keys) of the best epoch on the selection split
-
-    def begin_training(self, context) -> None:
-        super().begin_training(context)
-        self._val, self._best = None, None
-        if self.config.select_on_test and context.val:
-            self.validation(context)
-
-    @torch.no_grad()
-    def end_epoch(self, epoch: int, epochs: int) -> None:
-        if self._val is None:
-            return
-        f, y = self._val
-        logits = tip_logits(f, self.text_features(), self.cache_keys, self.cache_values(),
-                            self.config.alpha, self.config.beta)
-        correct = float((logits.argmax(-1) == y).sum())
-        if correct > (self._best[0] if self._best else 0.0):  # strictly better, as main.py
-            self._best = (correct, epoch, self.cache_keys.detach().clone())
-
-    def training_state(self) -> dict[str, torch.Tensor]:
-        if not self._best:
-            return {}
-        correct, epoch, keys = self._best
-        return {"best_keys": keys, "best": torch.tensor([correct, float(epoch)])}
-
-    def load_training_state(self, tensors, path) -> None:
-        if not tensors:
-            return
-        keys, best = tensors.get("best_keys"), tensors.get("best")
-        if set(tensors) != {"best_keys", "best"} or keys.shape != self.cache_keys.shape or best.shape != (2,):
-            raise CheckpointError(f"{path} holds training state {sorted(tensors)} that does not fit "
-                                  f"this {self.name} model (best_keys {tuple(self.cache_keys.shape)}, "
-                                  f"best [2]): a checkpoint of another run")
-        correct, epoch = best.tolist()
-        self._best = (correct, int(epoch), keys.to(self.cache_keys))
-
-    def end_training(self, context) -> None:
-        if self.config.select_on_test and self._val is not None:
-            if self._best:
-                self.cache_keys.data.copy_(self._best[2])
-                self.notes.append(f"keys of epoch {self._best[1] + 1} kept (best on the selection split)")
-            else:
-                self.notes.append("no epoch scored above 0% on the selection split: the last "
-                                  "epoch's keys are kept (the release would fail here)")
-        super().end_training(context)
