@@ -109,7 +109,8 @@ def _fit_locked(config: TrainConfig, started: float, env, recipe, out: Path, hoo
     if not env.main:
         return None
     metrics = evaluate_base_novel(model, config, env, base, novel)
-    _say_notes(metrics, hooks["log"])
+    for line in metrics.get("notes", []):
+        hooks["log"](f"note: {line}")
     metrics.update(zero_shot_reference(config, config.method, clip, env, base, novel))
     metrics.update(stats)
     metrics["runtime"] = {"device": str(env.device), "precision": env.precision,
@@ -249,15 +250,9 @@ def evaluate_base_novel(model, config: TrainConfig, env, base, novel) -> dict:
     metrics["eval_unreadable_images"] = len(unreadable)
     metrics["eval_split"], metrics["eval_sets"] = config.eval_split, sets
     notes = getattr(model, "evaluation_notes", None)  # a head on features: what its scores mean
-    lines = notes(novel.classnames if novel is not None else []) if notes else []
-    if lines:
-        metrics["notes"] = lines
+    if notes and notes(novel.classnames if novel is not None else []):
+        metrics["notes"] = notes(novel.classnames if novel is not None else [])
     return metrics
-
-
-def _say_notes(metrics: dict, log) -> None:
-    for line in metrics.get("notes", []):
-        log(f"note: {line}")
 
 
 def _finish(out: Path, metrics: dict) -> dict:
@@ -299,6 +294,7 @@ def evaluate(run, config: TrainConfig | None = None, log=None, **settings) -> di
                     f" | {weights_text(clip.name, clip.pretrained, clip.seed, clip.quick_gelu)} | "
                     f"{env.device} {env.precision}")
     metrics = evaluate_base_novel(model, config, env, base, novel)
-    _say_notes(metrics, log or _quiet)
+    for line in metrics.get("notes", []):
+        (log or _quiet)(f"note: {line}")
     metrics.update(zero_shot_reference(config, model.name, clip, env, base, novel))
     return metrics

@@ -260,7 +260,7 @@ MUTATIONS = [
              ("tests/test_heads_files.py::test_release_cache_files_import_to_the_same_logits",),
              "the release's [E, NK] cache_keys read as [NK, E]"),
     Mutation("heads-notes-dropped", "fastprompt/jobs.py",
-             'metrics["notes"] = lines', "pass",
+             'metrics["notes"] = notes(novel.classnames if novel is not None else [])', "pass",
              (f"{HEADS}::test_fit_base_to_novel_says_what_novel_means",),
              "a run does not say that its novel accuracy is zero-shot CLIP's"),
     # (mixing into the normalised feature instead is no mutation: the adapter has no biases and
