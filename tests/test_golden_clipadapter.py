@@ -70,3 +70,12 @@ def test_golden_weights_from_the_trainers_checkpoint(parity_clip, tmp_path):
     assert model.config.templates == [META["prompt_template"]] and model.config.reduction == 4
     with torch.no_grad():
         assert float((model(G["images"].float()) - G["logits"]).abs().max()) < LOGIT_ATOL
+
+
+def test_every_dataset_gets_the_releases_prompt():
+    """clip_adapter.py's CUSTOM_TEMPLATES (the JSON's table) is CoOp's template of each dataset,
+    what a run gets (jobs.method_options) and what an import reads from DATASET.NAME."""
+    from fastprompt.data import canonical_name, zero_shot_template
+
+    for dataset, template in META["config"]["templates"].items():
+        assert zero_shot_template(canonical_name(dataset)) == template, dataset

@@ -152,3 +152,18 @@ def test_every_released_config_gives_its_grid_and_init_values():
             assert grid(c.search_alpha, c.alpha_steps) == released["alpha_list"], config
             assert (c.alpha, c.beta) == (released["init_alpha"], released["init_beta"]), config
             assert recipe.epochs == (released["train_epoch"] if method == "tip_adapter_f" else 0)
+
+
+def test_every_released_dataset_gets_its_prompts():
+    """Tip-Adapter's datasets/*.py templates (the JSON's table; ImageNet the 7-template ensemble)
+    are what a run on each dataset gets: the card's ImageNet prompts, else CoOp's template of the
+    dataset (jobs.method_options)."""
+    from fastprompt.data import zero_shot_template
+    from fastprompt.recipes import recipe_for
+
+    table = {"imagenet": META["config"]["templates_imagenet"],
+             **META["config"]["templates_other_datasets"]}
+    for dataset, templates in table.items():
+        name = {"fgvc": "fgvc_aircraft"}.get(dataset, dataset)
+        got = recipe_for("tip_adapter", name).options.get("templates") or [zero_shot_template(name)]
+        assert got == templates, dataset
