@@ -9,7 +9,7 @@ import fastprompt as fp
 
 CLASSNAMES = ["dog", "cat", "sports_car", "golden retriever", "red apple"]
 ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm",
-               "tip_adapter", "tip_adapter_f", "clip_adapter"]
+               "promptsrc", "kgcoop", "tip_adapter", "tip_adapter_f", "clip_adapter"]
 #: methods without an optimiser step (the reference, Tip-Adapter's training-free cache)
 TRAINING_FREE = ["zeroshot", "tip_adapter"]
 #: heads on features that hold a cache of few-shot image features (Tip-Adapter)
@@ -18,7 +18,9 @@ CACHE_METHODS = ["tip_adapter", "tip_adapter_f"]
 
 @functools.lru_cache(maxsize=None)
 def tiny_clip(seed: int = 0):
-    return fp.load_clip("tiny", seed=seed)
+    """The tiny backbone, random init from `seed` (asked for: plain `load_clip("tiny")` is the
+    shipped pretrained one)."""
+    return fp.load_clip("tiny", pretrained=None, seed=seed)
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:

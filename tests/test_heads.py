@@ -188,7 +188,9 @@ def test_tip_f_killed_and_resumed_equals_the_whole_run(tmp_path, monkeypatch):
     real = training._run_epoch
 
     def killed_in_epoch_3(*args, **kwargs):
-        if args[6] == 2:
+        import inspect
+
+        if inspect.signature(real).bind(*args, **kwargs).arguments["epoch"] == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)

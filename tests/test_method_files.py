@@ -33,6 +33,11 @@ PINNED = {
     "lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "coop+lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "maple+lamm": {"base2novel": (4, 0.0035, 5, 1, {}), "cross": (4, 0.0035, 5, 1, {})},
+    # GPA's mean and std by protocol; few-shot on DTD: the yaml's second group (45 / 5)
+    "promptsrc": {"base2novel": (4, 0.0025, 20, 1, {"gpa_mean": 15.0, "gpa_std": 1.0}),
+                  "cross": (4, 0.0025, 20, 1, {"depth": 3, "gpa_mean": 6.0, "gpa_std": 10.0}),
+                  "fewshot": (4, 0.0025, 50, 1, {"gpa_mean": 45.0, "gpa_std": 5.0})},
+    "kgcoop": {"base2novel": (128, 0.002, 100, 1, {}), "cross": (128, 0.002, 100, 1, {})},
     # Tip-Adapter configs/dtd.yaml: search_scale [13, 13], init_alpha 2 (every protocol)
     "tip_adapter": {p: (256, 0.002, 0, 0, _TIP_DTD) for p in PROTOCOLS},
     "tip_adapter_f": {p: (256, 0.001, 20, 0, _TIP_DTD) for p in PROTOCOLS},
@@ -41,7 +46,9 @@ PINNED = {
 for _pinned in PINNED.values():  # no released few-shot config of their own: the base2novel one
     _pinned.setdefault("fewshot", _pinned["base2novel"])
 ON_IMAGENET = {"coop": {"epochs": 50}, "mma": {"batch_size": 128}, "clip_adapter": {"epochs": 50},
-               "tip_adapter": {"options": _TIP_IMAGENET}, "tip_adapter_f": {"options": _TIP_IMAGENET}}
+               "tip_adapter": {"options": _TIP_IMAGENET}, "tip_adapter_f": {"options": _TIP_IMAGENET},
+               # PromptSRC's few-shot GPA group of ImageNet, Caltech, Pets, Food, UCF, SUN
+               ("promptsrc", "fewshot"): {"options": {"gpa_mean": 30.0, "gpa_std": 30.0}}}
 
 
 def fields(r):
@@ -66,7 +73,7 @@ def test_cards_give_the_released_recipes(method):
         assert fields(r) == PINNED[method][protocol], (method, protocol)
         assert r.source, (method, protocol)
         imagenet = recipe_for(method, "imagenet", protocol)
-        want = dataclasses.replace(r, **ON_IMAGENET.get(method, {}))
+        want = dataclasses.replace(r, **ON_IMAGENET.get((method, protocol), ON_IMAGENET.get(method, {})))
         assert fields(imagenet) == fields(want), (method, protocol)
     assert card(method)["about"] == catalog.METHOD_SUMMARIES[method]
 
