@@ -156,3 +156,103 @@ def count_flops(step, x, y, env) -> int:
     with FlopCounterMode(display=False) as counter, amp(env):
         step(x, y)[0].backward()
     return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------- heads on frozen features
+HEAD_METHODS = ["tip_adapter_f", "clip_adapter"]
+
+
+def head_model(method: str, clip, n: int, env):
+    """A head with what training gives it first: Tip-Adapter-F a cache of 16 images per class."""
+    torch.manual_seed(0)
+    model = fp.create(method, clip, classnames(n))
+    if method == "tip_adapter_f":
+        size = clip.image_size
+        feats = torch.cat([model.encode(images(env, 100, size)) for _ in range(-(-16 * n // 100))])
+        model.build_cache(feats[:16 * n], torch.arange(n, device=env.device).repeat(16))
+    return model.train()
+
+
+@pytest.mark.parametrize("variant", ["baseline", "fastprompt"])
+@pytest.mark.parametrize("method", HEAD_METHODS)
+def test_head_train_step(benchmark, bench, method, variant):
+    """One training step of a head: the batch's fresh crops through the frozen tower (no graph),
+    the head, its loss and the optimiser. The baseline recomputes what the release recomputes:
+    CLIP-Adapter re-encodes the class prompts on every forward (clip_adapter.py TextEncoder);
+    Tip-Adapter-F computes its classifier once (main.py clip_classifier), so its baseline differs
+    from fastprompt only in the switches that do not touch it."""
+    import dataclasses
+
+    from fastprompt.optim import make_optimizer
+    from fastprompt.recipes import recipe_for
+
+    env, w = bench.env, workload(bench.env)
+    n = w["train_classes"]
+    recipe = recipe_for(method)
+    batch = recipe.batch_size if env.cuda else 16
+    benchmark.group = f"train-{method}"
+    model = head_model(method, backbone(env.cuda), n, env)
+    if variant == "baseline":
+        model.set_fast(False)
+        if method == "tip_adapter_f":  # main.py's clip_weights: computed once
+            model.runtime = dataclasses.replace(model.runtime, cache=True)
+    opt = make_optimizer(model, recipe)
+    x = images(env, batch, w["image"])
+    y = torch.arange(batch, device=env.device) % n
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp(env):
+            loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    bench.run(step, variant=variant, shapes={"images": tuple(x.shape)}, bytes_moved=0)
+    note(benchmark, classes=n, images=batch, method=method)
+
+
+def release_search(features, labels, text, keys, key_labels, betas, alphas):
+    """utils.py search_hp's loop: every grid point recomputes the affinity, the zero-shot logits
+    and the cache term (with the one-hot values' matmul)."""
+    import torch.nn.functional as F
+
+    values = F.one_hot(key_labels, text.shape[0]).to(features.dtype)
+    correct = []
+    for beta in betas:
+        for alpha in alphas:
+            affinity = features @ keys.t()
+            cache_logits = ((-1) * (beta - beta * affinity)).exp() @ values
+            clip_logits = 100. * features @ text.t()
+            tip_logits = clip_logits + cache_logits * alpha
+            correct.append(int((tip_logits.argmax(-1) == labels).sum()))
+    return correct
+
+
+@pytest.mark.parametrize("variant", ["baseline", "fastprompt"])
+def test_tip_search(benchmark, bench, variant):
+    """Tip-Adapter's α/β search over the released 200 x 20 grid on validation features: the
+    release's loop of 4,000 evaluations vs fastprompt's vectorised search (`tip_search.grid_correct`:
+    the same counts at every point, tested). CUDA: 500 classes x 16 shots, 2,000 validation images
+    (4 a class, CoOp's few-shot split), fp32; CPU: 20 classes x 16 shots, 80 images."""
+    import torch.nn.functional as F
+
+    from fastprompt.methods.tip_search import grid, grid_correct
+
+    env = bench.env
+    n, shots, per_class, dim = (500, 16, 4, 512) if env.cuda else (20, 16, 4, 32)
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(n, dim, generator=g)
+    key_labels = torch.arange(n).repeat_interleave(shots)
+    labels = torch.arange(n).repeat_interleave(per_class)
+
+    def noisy(rows):
+        return F.normalize(protos[rows] + 1.5 * torch.randn(len(rows), dim, generator=g), dim=-1).to(env.device)
+    keys, text, feats = noisy(key_labels), noisy(torch.arange(n)), noisy(labels)
+    key_labels, labels = key_labels.to(env.device), labels.to(env.device)
+    betas, alphas = grid(7, 200), grid(3, 20)
+    benchmark.group = "tip-search"
+    fn = release_search if variant == "baseline" else grid_correct
+    bench.run(lambda: fn(feats, labels, text, keys, key_labels, betas, alphas), variant=variant,
+              shapes={"val": (len(labels), dim), "keys": (len(key_labels), dim)}, bytes_moved=0, warmup=1)
+    note(benchmark, classes=n, shots=shots, val_images=len(labels), grid=len(betas) * len(alphas))

@@ -72,4 +72,7 @@ def evaluate_base_novel(model, config: TrainConfig, env, base, novel, loaded=Non
         metrics[f"acc_{name}"] = acc(d.classnames, pick(d), name)
     metrics["eval_unreadable_images"] = len(unreadable)
     metrics["eval_split"], metrics["eval_sets"] = config.eval_split, sets
+    notes = getattr(model, "evaluation_notes", None)  # a head on features: what its scores mean
+    if notes and notes(novel.classnames if novel is not None else []):
+        metrics["notes"] = notes(novel.classnames if novel is not None else [])
     return metrics

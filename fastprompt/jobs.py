@@ -159,6 +159,8 @@ def finish(run: Run, work: Path, stats: dict) -> dict | None:
     config, env, inputs = run.config, run.env, run.inputs
     base, novel = inputs["base"], inputs["novel"]
     metrics = evaluate_base_novel(inputs["model"], config, env, base, novel, inputs["evals"])
+    for line in metrics.get("notes", []):
+        run.hooks["log"](f"note: {line}")
     metrics.update(zero_shot_reference(config, config.method, inputs["clip"], env, base, novel))
     metrics.update(stats)
     metrics["runtime"] = {"device": str(env.device), "precision": env.precision,
@@ -341,5 +343,7 @@ def evaluate(run, config: TrainConfig | None = None, log=None, warn=None, **sett
                     f" | {weights_text(clip.name, clip.pretrained, clip.seed, clip.quick_gelu)} | "
                     f"{env.device} {env.precision}")
     metrics = evaluate_base_novel(model, config, env, base, novel, evals)
+    for line in metrics.get("notes", []):
+        (log or _quiet)(f"note: {line}")
     metrics.update(zero_shot_reference(config, model.name, clip, env, base, novel))
     return metrics

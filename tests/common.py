@@ -9,7 +9,11 @@ import fastprompt as fp
 
 CLASSNAMES = ["dog", "cat", "sports_car", "golden retriever", "red apple"]
 ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm",
-               "promptsrc", "kgcoop"]
+               "promptsrc", "kgcoop", "tip_adapter", "tip_adapter_f", "clip_adapter"]
+#: methods without an optimiser step (the reference, Tip-Adapter's training-free cache)
+TRAINING_FREE = ["zeroshot", "tip_adapter"]
+#: heads on features that hold a cache of few-shot image features (Tip-Adapter)
+CACHE_METHODS = ["tip_adapter", "tip_adapter_f"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,12 +29,30 @@ def images(n: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def perturb(model, seed: int = 0, std: float = 0.05):
-    """Move every trainable tensor away from its init so round trips test real values."""
+    """Move every trainable tensor away from its init so round trips test real values (saved
+    tensors that are not trained, a cache's labels, are left as they are)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.trainable_state().values():
-            p.add_(torch.randn(p.shape, generator=g) * std)
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def with_cache(model, shots: int = 2, seed: int = 0):
+    """A Tip-Adapter model with a cache of `shots` random images per class (what training builds
+    from the few-shot images), keys over 2 views; other models as they are."""
+    if model.name in CACHE_METHODS:
+        n = len(model.classnames)
+        labels = torch.arange(n).repeat(shots)
+        views = torch.stack([model.encode(images(n * shots, seed=seed + v)) for v in range(2)])
+        model.build_cache(views, labels)
+    return model
+
+
+def trained_count(model) -> int:
+    """Elements of the tensors a method trains."""
+    return sum(p.numel() for p in model.trainable_state().values() if p.requires_grad)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

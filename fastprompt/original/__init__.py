@@ -1,5 +1,5 @@
-"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, PromptSRC, KgCoOp) in
-and out of fastprompt.
+"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, PromptSRC, KgCoOp,
+Tip-Adapter, CLIP-Adapter) in and out of fastprompt.
 
     model = load_original("maple", "output/base2new/.../seed1", clip, classnames)
     sd = original_state_dict(model)   # {"prompt_learner.ctx": model.ctx, ...} (live tensors)
@@ -55,6 +55,8 @@ def find_checkpoint(method: str, path) -> Path:
     """A checkpoint file, or the newest one under an original output directory:
     `<dir>/<registered>/model.pth.tar-<N>` (highest N), else `model-best.pth.tar`."""
     p, layout = Path(path), _layout(method)
+    if layout.find is not None:  # not a Dassl checkpoint (Tip-Adapter's cache files)
+        return layout.find(layout, p)
     if p.is_file():
         return p
     if not p.is_dir():
@@ -106,10 +108,11 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
 def load_original(method: str, path, clip, classnames, config=None):
     """A fastprompt model computing what the original code computes with these tensors.
 
-    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp, mma, promptsrc or kgcoop
-    (fastprompt names; a MaPLe+LAMM checkpoint of the released code is imported with its label
-    layout, `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's
-    `shots`).
+    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp, mma, promptsrc, kgcoop,
+    clip_adapter, tip_adapter or tip_adapter_f (fastprompt names; Tip-Adapter's cache files:
+    `fastprompt.methods.tip_files`; a MaPLe+LAMM checkpoint of the released code is imported with
+    its label layout, `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its
+    config's `shots`).
     path: a checkpoint file or an original output directory (newest epoch is taken).
     config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
     """
@@ -118,6 +121,8 @@ def load_original(method: str, path, clip, classnames, config=None):
     layout = _layout(method)
     classnames = [str(c) for c in classnames]
     file = find_checkpoint(method, path)
+    if layout.read is not None:
+        return _load_files(method, layout, file, clip, classnames, config)
     sd, _ = read_state_dict(method, file)
     seen = detect(layouts().values(), [file_key(layout, k) for k in sd] if layout.owner else sd)
     if seen is None or seen[0] != layout.kind:
@@ -135,6 +140,25 @@ def load_original(method: str, path, clip, classnames, config=None):
         raise OriginalCheckpointError(f"{file}: {str(e).splitlines()[0]}") from None
     _fill(model, sd, layout)
     _check_buffers(model, sd, layout, clip)
+    return model
+
+
+def _load_files(method: str, layout, file: Path, clip, classnames: list, config):
+    """A model from a format of its own (`Layout.read`: Tip-Adapter's cache tensors)."""
+    from ..api import create
+
+    cfg, unknown = read_config(layout, config, clip.name)
+    if unknown:
+        _warn(f"original config names ignored: {', '.join(unknown)}", 4)
+    notes: list = []
+    options, fill = layout.read(layout, file, clip, classnames, cfg, notes)
+    for note in notes:
+        _warn(note, 4)
+    try:
+        model = create(method, clip, classnames, **options)
+        fill(model)
+    except ValueError as e:
+        raise OriginalCheckpointError(f"{file}: {str(e).splitlines()[0]}") from None
     return model
 
 
@@ -199,13 +223,21 @@ def _check_buffers(model, sd: dict, layout, clip) -> None:
             return
 
 
-def _warn(msg: str) -> None:
-    warnings.warn(msg, OriginalCheckpointWarning, stacklevel=3)
+def _warn(msg: str, stacklevel: int = 3) -> None:
+    warnings.warn(msg, OriginalCheckpointWarning, stacklevel=stacklevel)
+
+
+def _dassl_layout(method: str):
+    layout = _layout(method)
+    if layout.read is not None:
+        raise OriginalCheckpointError(f"{layout.family} saves its own files, not a state dict: "
+                                      f"there is no original state dict of a {method} model")
+    return layout
 
 
 def original_state_dict(model) -> dict:
     """{full original name: the model's own parameter} (live tensors: writing one changes the model)."""
-    _layout(model.name)
+    _dassl_layout(model.name)
     params = dict(model.named_parameters())
     return OrderedDict((full, params[name]) for full, name in original_names(model).items())
 
@@ -214,7 +246,7 @@ def save_original(model, output_dir, epoch: int = 1) -> Path:
     """Write `model` as the original trainer would: `<output_dir>/<registered>/model.pth.tar-<epoch>`
     holding {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} with the original keys
     (the original `load_model` reads it with strict=False, as it does its own files)."""
-    layout = _layout(model.name)
+    layout = _dassl_layout(model.name)
     tensors = {**original_state_dict(model), **(layout.markers(model) if layout.markers else {})}
     state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
                         for k, v in tensors.items())

@@ -42,8 +42,8 @@ class Layout:
     #: warnings to notes, raises OriginalCheckpointError (`err`) on a mismatch
     options: Callable
     known: frozenset = frozenset()  # config names read in TRAINER.<section>
-    #: other config names read, in full (LAMM's top-level command-line flags; KgCoOp's
-    #: DATASET.NAME, which picks its teacher prompt)
+    #: other config names read, in full (LAMM's top-level command-line flags; KgCoOp's and
+    #: CLIP-Adapter's DATASET.NAME, which picks their prompt)
     flags: frozenset = frozenset()
     #: what `detect` calls a checkpoint of this layout (methods sharing a format share a kind)
     kind: str = ""
@@ -59,6 +59,11 @@ class Layout:
     #: it from a related format (PromptSRC's prompt-free image tower, KgCoOp's unused
     #: `bias_vectors`); `save_original` writes them, the importer skips them (`ignored...`)
     markers: Callable | None = None
+    #: formats that are not a Dassl state dict (Tip-Adapter's cache tensors): `find(layout, path)`
+    #: -> the file to read; `read(layout, file, clip, classnames, config, notes)` -> (the model's
+    #: options, fill(model) putting the tensors in)
+    find: Callable | None = None
+    read: Callable | None = None
 
 
 #: PREC is accepted in every section and not used (fastprompt computes in fp32 or the precision

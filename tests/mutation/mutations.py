@@ -34,6 +34,14 @@ PSRC_GOLD = f"{PSRC_GOLD_FILE}::test_golden_loss_each_term_and_every_gradient"
 GPA, ORIG_SRC = "tests/test_gpa.py", "tests/test_original_src.py"
 
 
+HREF = "tests/test_references_heads.py"
+HEADS = "tests/test_heads.py"
+
+
+def tip_golden(test: str) -> tuple[str, ...]:
+    return (f"tests/test_golden_tipadapter.py::{test}",)
+
+
 def golden(*names: str) -> tuple[str, ...]:
     return tuple(f"{GOLD}::{t}[{n}]" for n in names
                  for t in ("test_golden_eval_logits", "test_golden_training_loss_and_grads"))
@@ -247,6 +255,96 @@ MUTATIONS = [
              "torch.manual_seed(epoch_seed(env.seed, epoch))", "torch.manual_seed(epoch_seed(env.seed, 0))",
              ("tests/test_training_loop.py", f"{TRAIN}::test_resume_continues_a_killed_run_exactly"),
              "the same augmentation every epoch"),
+    # ---------------------------------------------------------------- Tip-Adapter(-F), CLIP-Adapter
+    Mutation("tip-views-normalised-before-averaging", "fastprompt/methods/tip_adapter.py",
+             "feats = features.float().mean(0) if features.dim() == 3 else features.float()",
+             "feats = F.normalize(features.float(), dim=-1).mean(0) if features.dim() == 3 else features.float()",
+             (f"{HREF}::test_tip_adapter_logits_match_reference", f"{HEADS}::test_cache_from_seeded_views_alpha_beta_from_val_and_saved"),
+             "cache keys average the normalised views (the release averages the unnormalised ones)"),
+    Mutation("tip-alpha-beta-swapped", "fastprompt/methods/tip_adapter.py",
+             "    cache = ((-1) * (beta - beta * affinity)).exp() @ values.to(affinity.dtype)\n"
+             "    return SCALE * f @ text.to(f.dtype).t() + cache * alpha",
+             "    cache = ((-1) * (alpha - alpha * affinity)).exp() @ values.to(affinity.dtype)\n"
+             "    return SCALE * f @ text.to(f.dtype).t() + cache * beta",
+             (f"{HREF}::test_tip_adapter_logits_match_reference", *tip_golden("test_tip_logits")),
+             "the cache's weight used as its sharpness and back"),
+    Mutation("tip-zero-shot-scale-dropped", "fastprompt/methods/tip_adapter.py",
+             "return SCALE * f @ text.to(f.dtype).t() + cache * alpha",
+             "return f @ text.to(f.dtype).t() + cache * alpha",
+             (f"{HREF}::test_tip_adapter_logits_match_reference", *tip_golden("test_tip_logits")),
+             "zero-shot logits without main.py's 100"),
+    Mutation("tip-search-last-best", "fastprompt/methods/tip_adapter.py",
+             "best = int(counts.argmax())", "best = counts.numel() - 1 - int(counts.flatten().flip(0).argmax())",
+             (f"{HREF}::test_search_matches_the_release_loop", *tip_golden("test_search_accuracy_at_every_grid_point_and_the_winner")),
+             "the last grid point with the best accuracy wins (the release keeps the first)"),
+    Mutation("tip-search-scales-swapped", "fastprompt/methods/tip_adapter.py",
+             "grid(c.search_beta, c.beta_steps), grid(c.search_alpha, c.alpha_steps)",
+             "grid(c.search_alpha, c.beta_steps), grid(c.search_beta, c.alpha_steps)",
+             (f"{HREF}::test_search_matches_the_release_loop", *tip_golden("test_search_accuracy_at_every_grid_point_and_the_winner")),
+             "search_scale read as [alpha, beta]"),
+    Mutation("tip-search-candidates-at-one-end", "fastprompt/methods/tip_search.py",
+             "reach = torch.maximum(d_cache * lo + d_clip, d_cache * hi + d_clip) >= -margin",
+             "reach = d_cache * lo + d_clip >= -margin",
+             (f"{HREF}::test_search_matches_the_release_loop", *tip_golden("test_search_accuracy_at_every_grid_point_and_the_winner")),
+             "only classes that beat the smallest alpha's winner there are scored"),
+    Mutation("tip-search-exponent-sign", "fastprompt/methods/tip_search.py",
+             "out=part).sub_(beta).exp_()", "out=part).add_(beta).exp_()",
+             (f"{HREF}::test_search_matches_the_release_loop", *tip_golden("test_search_accuracy_at_every_grid_point_and_the_winner")),
+             "exp(beta*A + beta) in the search"),
+    Mutation("tip-novel-columns-not-mapped", "fastprompt/methods/tip_adapter.py",
+             "            cols = column[cols]\n", "",
+             (f"{HEADS}::test_novel_classes_get_the_zero_shot_part_only",),
+             "a classifier over other names puts the training classes' keys in their columns"),
+    Mutation("tip-f-best-epoch-not-strict", "fastprompt/methods/tip_adapter_f.py",
+             "if correct > (self._best[0] if self._best else 0.0):",
+             "if correct >= (self._best[0] if self._best else 0.0):",
+             (f"{HEADS}::test_tip_f_keeps_the_last_epoch_or_on_request_the_best",),
+             "the last of the best epochs is kept (main.py keeps the first)"),
+    Mutation("tip-f-best-not-in-checkpoint", "fastprompt/methods/tip_adapter_f.py",
+             'return {"best_keys": keys, "best": torch.tensor([correct, float(epoch)])}', "return {}",
+             (f"{HEADS}::test_tip_f_killed_and_resumed_equals_the_whole_run",),
+             "a resumed Tip-Adapter-F run forgets the best epoch so far"),
+    Mutation("tip-f-keys-renormalised", "fastprompt/methods/tip_adapter.py",
+             "self.cache_keys = nn.Parameter(keys.detach().float().clone().to(dev),",
+             "self.cache_keys = nn.Parameter(F.normalize(keys.detach().float(), dim=-1).to(dev),",
+             ("tests/test_heads_files.py::test_release_cache_files_import_to_the_same_logits",
+              "tests/test_golden_tipadapter.py::test_release_files_import_to_the_golden_logits"),
+             "Tip-Adapter-F's tuned keys normalised again on import"),
+    Mutation("tip-f-adamw-default-eps", "fastprompt/methods/tip_adapter_f.py",
+             '"eps": 0.0001, "weight_decay": 0.01, "schedule": "iteration"',
+             '"eps": 1e-08, "weight_decay": 0.01, "schedule": "iteration"',
+             tip_golden("test_tip_adapter_f_loss_grad_and_one_adamw_step"),
+             "AdamW's default eps instead of the release's 1e-4"),
+    Mutation("tip-f-no-weight-decay", "fastprompt/methods/tip_adapter_f.py",
+             '"eps": 0.0001, "weight_decay": 0.01, "schedule": "iteration"',
+             '"eps": 0.0001, "weight_decay": 0.0, "schedule": "iteration"',
+             tip_golden("test_tip_adapter_f_loss_grad_and_one_adamw_step"),
+             "AdamW without torch's default weight decay 0.01"),
+    Mutation("tip-files-keys-not-transposed", "fastprompt/methods/tip_files.py",
+             'keys = raw if layout.kind == "tip_adapter_f" else raw.t()', "keys = raw",
+             ("tests/test_heads_files.py::test_release_cache_files_import_to_the_same_logits",),
+             "the release's [E, NK] cache_keys read as [NK, E]"),
+    Mutation("heads-notes-dropped", "fastprompt/jobs.py",
+             'metrics["notes"] = notes(novel.classnames if novel is not None else [])', "pass",
+             (f"{HEADS}::test_fit_base_to_novel_says_what_novel_means",),
+             "a run does not say that its novel accuracy is zero-shot CLIP's"),
+    # (mixing into the normalised feature instead is no mutation: the adapter has no biases and
+    # ReLUs only, so it scales with its input and the mix is normalised afterwards)
+    Mutation("clip-adapter-residual-not-scaled", "fastprompt/methods/clip_adapter.py",
+             "return ratio * adapter(feats) + (1 - ratio) * feats",
+             "return ratio * adapter(feats) + feats",
+             (f"{HREF}::test_clip_adapter_matches_reference", "tests/test_golden_clipadapter.py"),
+             "the feature kept whole beside 0.2 of the adapter (not 0.8 of it)"),
+    Mutation("clip-adapter-ratio-swapped", "fastprompt/methods/clip_adapter.py",
+             "return ratio * adapter(feats) + (1 - ratio) * feats",
+             "return (1 - ratio) * adapter(feats) + ratio * feats",
+             (f"{HREF}::test_clip_adapter_matches_reference", "tests/test_golden_clipadapter.py"),
+             "0.8 of the adapter and 0.2 of the feature"),
+    Mutation("clip-adapter-no-final-relu", "fastprompt/methods/clip_adapter.py",
+             "nn.Linear(width // reduction, width, bias=False), nn.ReLU())",
+             "nn.Linear(width // reduction, width, bias=False), nn.Identity())",
+             (f"{HREF}::test_clip_adapter_matches_reference", "tests/test_golden_clipadapter.py"),
+             "no ReLU after the second Linear"),
     # ---------------------------------------------------------------- kernels inside models
     Mutation("kernel-adapter-drops-up-bias", "kernels/adapter.py",
              "o = yv.to(tl.float32) + scale * (f + bu[None, :])", "o = yv.to(tl.float32) + scale * f",
