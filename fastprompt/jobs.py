@@ -116,10 +116,15 @@ def finished_metrics(run: Run) -> dict | None:
     if not (out / CONFIG).is_file() or not (out / METRICS).is_file():
         return None
     model = run.inputs["model"]
-    want = {"method": model.name, "options": model.options(), "backbone": model.clip.source,
+    fitted = set(model.fitted_options)  # set by training: compared as the run saved them
+    options = {k: v for k, v in model.options().items() if k not in fitted}
+    want = {"method": model.name, "options": options, "backbone": model.clip.source,
             "classnames": model.classnames, **run.extra}
     saved = read_config(out)
-    if json.loads(json.dumps(want)) != {k: saved.get(k) for k in want}:
+    have = {k: saved.get(k) for k in want}
+    if isinstance(have["options"], dict):
+        have["options"] = {k: v for k, v in have["options"].items() if k not in fitted}
+    if json.loads(json.dumps(want)) != have:
         return None
     try:
         metrics = loads((out / METRICS).read_text(encoding="utf-8"))

@@ -101,6 +101,9 @@ class Method(nn.Module):
     original_layout: ClassVar = None
     #: False for methods whose text features depend on the image (CoCoOp)
     caches_text: ClassVar[bool] = True
+    #: options that training sets (Tip-Adapter's searched alpha, beta and its cache size): a run's
+    #: config.json holds the fitted values, not the ones the run was asked for
+    fitted_options: ClassVar[tuple] = ()
 
     def __init__(self, clip: Clip, classnames: list[str], config: MethodConfig):
         super().__init__()

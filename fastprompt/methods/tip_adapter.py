@@ -110,6 +110,7 @@ class TipAdapter(FeatureHead):
     original_layout = TIP_LAYOUT
     #: Tip-Adapter-F trains the keys
     trains_keys: ClassVar[bool] = False
+    fitted_options: ClassVar[tuple] = ("alpha", "beta", "cache_size")
     _val = None  # (normalised validation features, labels) while training
 
     def __init__(self, clip, classnames, config):
