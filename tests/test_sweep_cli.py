@@ -94,3 +94,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_a_finished_tip_adapter_is_reported_though_training_fitted_its_options(tmp_path, capsys):
+    """Tip-Adapter's searched alpha and beta (and its cache size) are options its config.json
+    holds after training, not those asked for: run twice, it is still this very run."""
+    args = ["--method", "tip_adapter", "--shots", "2", "--no-progress", "--zero-shot-ref", "never",
+            "--out", str(tmp_path / "tip")]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "tip" / "config.json").read_text())["options"]
+    assert saved["cache_size"] > 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "holds this run, finished" in capsys.readouterr().out
