@@ -44,12 +44,19 @@ METHOD_SUMMARIES = {name: card["about"] for name, card in CARDS.items()}
 
 
 def method_names(trained: bool = False, protocol: str | None = None) -> list[str]:
-    """The methods in the registry's order (the table's); `trained`: only those with training
-    (a recipe of more than 0 epochs: every method but the zero-shot reference); `protocol`: only
-    those that apply to it (a card's `protocols`, default every one)."""
+    """The methods in the registry's order (the table's); `trained`: only those that learn from
+    training images (`learns`: every method but the zero-shot reference); `protocol`: only those
+    that apply to it (a card's `protocols`, default every one)."""
     return [name for name in CARDS
-            if (not trained or recipe_from_card(name, CARDS[name]).trains)
+            if (not trained or learns(name))
             and (protocol is None or protocol in CARDS[name].get("protocols", (protocol,)))]
+
+
+def learns(name: str) -> bool:
+    """Whether method `name` learns from training images: its recipe takes optimiser steps, or
+    its card says it fits without any (Tip-Adapter's cache)."""
+    card = CARDS[name]
+    return recipe_from_card(name, card).trains or bool(card.get("fits_without_steps"))
 
 #: generated in memory (no files, no --data-root); shapes_colour is the default dataset
 GENERATED_DATASETS = ("shapes_colour", "shapes_texture", "shapes_count")

@@ -207,8 +207,11 @@ def _prepare(config: TrainConfig, env, recipe, clip=None) -> dict:
     from .clip import load_clip
     from .data import few_shot, load_dataset, split_base_novel
 
+    from .catalog import CARDS
+
+    fits = recipe.trains or bool(CARDS[config.method].get("fits_without_steps"))  # Tip's cache
     data = few_shot(load_dataset(config.dataset_name, config.data_root), recipe.shots,
-                    seed=config.seed, strict=recipe.trains)
+                    seed=config.seed, strict=fits)
     base, novel = split_base_novel(data) if config.subsample == "base" else (data, None)
     evals = {name: load_dataset(name, config.data_root) for name in config.eval_datasets}
     options = method_options(config, recipe)

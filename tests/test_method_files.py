@@ -63,7 +63,10 @@ def test_registry_order_reference_and_cards_read_without_torch():
     assert reference_method() == "zeroshot"
     assert list(catalog.CARDS) == ALL_METHODS
     assert catalog.method_cards() == {name: card(name) for name in METHODS}
-    assert catalog.method_names(trained=True) == [m for m in ALL_METHODS if m not in TRAINING_FREE]
+    # those that learn from training images: all but zero-shot (Tip-Adapter's cache takes no step)
+    assert catalog.method_names(trained=True) == [m for m in ALL_METHODS if m != "zeroshot"]
+    assert [m for m in ALL_METHODS if not catalog.recipe_from_card(m, catalog.CARDS[m]).trains] \
+        == TRAINING_FREE
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -42,6 +42,7 @@ from .zeroshot import ZeroShotConfig
 CARDS = {
     "tip_adapter": {
         "about": "training-free cache of few-shot image features beside zero-shot CLIP (Tip-Adapter)",
+        "fits_without_steps": True,  # learns from the training images, no optimiser step
         "recipes": {"base2novel": {
             "epochs": 0, "warmup_epochs": 0, "batch_size": 256, "crop_scale": [0.5, 1.0],
             "source": "Tip-Adapter main.py run_tip_adapter + configs/<dataset>.yaml"}},
