@@ -59,7 +59,7 @@ def test_a_run_is_never_overwritten_unasked(tmp_path):
     run = tmp_path / "run"
     fp.save(fp.create("zeroshot", tiny_clip(), CLASSNAMES), run)  # config.json, no checkpoint
     before = (run / "config.json").read_bytes()
-    with pytest.raises(RunDirError, match=r"already holds a run: pass --resume \(resume=\)"):
+    with pytest.raises(RunDirError, match=r"already holds a run: pass --resume \(resume=True\)"):
         with open_run_dir(run):
             pass
     assert (run / "config.json").read_bytes() == before
