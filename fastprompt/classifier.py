@@ -3,7 +3,9 @@
 `Classifier(images) = logit_scale * normalize(encode_image(images; image prompts/adapters)) @ T.T`
 with `T` [C, E] the normalised text features computed once. Image-side prompts that depend only
 on learnable tensors (MaPLe's coupled prompts) are evaluated once here and kept as buffers, so
-the module holds constants only; adapters are shared with the method that made it.
+the module holds constants only; adapters are shared with the method that made it. Weight deltas
+(LoRA) are merged into copies of their blocks' attention weights, kept as buffers: the image pass
+is plain CLIP's with other weights.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import TowerHooks
+from .lora import Merged
 
 
 class Classifier(nn.Module):
@@ -27,8 +30,8 @@ class Classifier(nn.Module):
         self.image_size = method.clip.image_size
         self.mean, self.std = tuple(method.clip.mean), tuple(method.clip.std)
         self.register_buffer("text_features", text_features.detach().float())
-        self.register_buffer("logit_scale", self.backbone.logit_scale().detach().float())
-        hooks = method.image_hooks()
+        self.register_buffer("logit_scale", torch.as_tensor(method.logit_scale()).detach().float())
+        hooks = self.backbone.merged(method.image_hooks(), text=False)
         self._prompt_layers = sorted(hooks.prompts)
         for i in self._prompt_layers:
             self.register_buffer(f"image_prompt_{i}", hooks.prompts[i].detach().clone())
@@ -36,10 +39,17 @@ class Classifier(nn.Module):
         # the adapter Linear layers, registered so .to() / export see them
         self.adapter_modules = nn.ModuleList(
             nn.ModuleList([a.down, a.shared, a.up]) for a in self._adapters.values())
+        self._merged_layers = sorted(hooks.lora)
+        for i, m in hooks.lora.items():
+            for part in ("in_proj", "out_proj"):
+                if getattr(m, part) is not None:
+                    self.register_buffer(f"image_{part}_{i}", getattr(m, part).detach().clone())
 
     def image_hooks(self) -> TowerHooks:
         prompts = {i: getattr(self, f"image_prompt_{i}") for i in self._prompt_layers}
-        return TowerHooks(prompts=prompts, adapters=self._adapters)
+        lora = {i: Merged(getattr(self, f"image_in_proj_{i}", None), getattr(self, f"image_out_proj_{i}", None))
+                for i in self._merged_layers}
+        return TowerHooks(prompts=prompts, adapters=self._adapters, lora=lora)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image features [B, E]."""

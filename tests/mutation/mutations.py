@@ -118,7 +118,7 @@ MUTATIONS = [
              (f"{DETAILS}::test_lamm_label_rows_and_unseen_classes",), "learned and original rows swapped"),
     # ---------------------------------------------------------------- shared logits
     Mutation("logit-scale-dropped", "fastprompt/methods/base.py",
-             "return self.backbone.logit_scale() * image_features @ text_features.t()",
+             "return self.logit_scale() * image_features @ text_features.t()",
              "return image_features @ text_features.t()",
              (f"{REF}::test_coop_matches_reference", *golden("coop")), "cosine logits without exp(logit_scale)"),
     # ---------------------------------------------------------------- metrics
