@@ -8,7 +8,8 @@ import torch
 import fastprompt as fp
 
 CLASSNAMES = ["dog", "cat", "sports_car", "golden retriever", "red apple"]
-ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm"]
+ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm",
+               "clip_lora"]
 
 
 @functools.lru_cache(maxsize=None)
