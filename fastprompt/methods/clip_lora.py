@@ -38,7 +38,7 @@ from torch import nn
 from ..backbone import TowerHooks
 from ..lora import PROJECTIONS, LoRA
 from ..errors import short_repr
-from ..original.keys import FileFormat, Layout, err, given
+from ..original.keys import FileFormat, Layout, err
 from .base import Method, MethodConfig, register
 
 #: description and recipe (methods.base.card; read by fastprompt.catalog without torch): the
@@ -158,7 +158,9 @@ def _options(layout, sd, cfg, n_classes, notes) -> dict:
     first = next((k for k in sorted(sd) if k.startswith("layer_0.") and k.endswith("w_lora_A")), None)
     if first is None:
         raise err("checkpoint has no key 'layer_0.*.w_lora_A': no adapted block")
-    given(cfg, "r", sd[first].shape[0], first)
+    if int(cfg["r"]) != sd[first].shape[0]:
+        raise err(f"checkpoint key '{first}' has rank {sd[first].shape[0]}, the metadata (or the "
+                  f"config) says r={cfg['r']}")
     opts = {"r": int(cfg["r"]), "alpha": float(cfg["alpha"]), "encoder": str(cfg["encoder"]),
             "params": params, "position": str(cfg["position"])}
     if cfg.get("dropout_rate") is not None:
