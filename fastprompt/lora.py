@@ -58,16 +58,28 @@ class LoRA:
     #: projection -> bool [N, L, D] (True = kept), drawn by the runner (`with_masks`)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def dropped(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        """The branch input of projection p: x, or x with the mask's zeros, scaled by 1/(1-p)."""
+    def masked(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        """x with the zeros of projection p's dropout mask (x itself without dropout)."""
         if not self.dropout:
             return x
         if p not in self.masks:
             raise RuntimeError(f"LoRA dropout {self.dropout} on '{p}' without a mask: the runner "
                                f"draws them (lora.with_masks) before running a tower")
-        # 1/(1-p) rounded as the release's `noise.div_(1 - p)` rounds it
-        keep = torch.ones((), dtype=x.dtype, device=x.device).div_(1.0 - self.dropout)
-        return torch.where(self.masks[p], x, 0.0) * keep
+        return torch.where(self.masks[p], x, 0.0)
+
+    def keep(self, like: torch.Tensor) -> torch.Tensor | float:
+        """1/(1-p), rounded as the release's `noise.div_(1 - p)` rounds it."""
+        if not self.dropout:
+            return 1.0
+        return torch.ones((), dtype=like.dtype, device=like.device).div_(1.0 - self.dropout)
+
+    def dropped(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        """The release's branch input of projection p: x, or x with the mask's zeros times 1/(1-p)."""
+        return self.masked(p, x) * self.keep(x) if self.dropout else x
+
+    def down(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        """The fast path's drop_p(x) A_pᵀ [.., r], 1/(1-p) folded into the [r, d] matrix A."""
+        return self.masked(p, x) @ (self.A[p] * self.keep(x)).t() if self.dropout else x @ self.A[p].t()
 
     def qkv(self, attn, h: torch.Tensor, kernels: bool):
         """(q, k, v), each [.., n, d]: the in-projection of `h` with the deltas."""
@@ -85,7 +97,7 @@ class LoRA:
         adapted = [p for p in "qkv" if p in self.A]
         if adapted:
             if self.dropout:  # each projection its own input
-                u = torch.cat([self.dropped(p, h) @ self.A[p].t() for p in adapted], dim=-1)
+                u = torch.cat([self.down(p, h) for p in adapted], dim=-1)
             else:
                 u = h @ torch.cat([self.A[p] for p in adapted]).t()
             blocks = [self.B[p] * self.scale if p in self.A else h.new_zeros(d, 0) for p in "qkv"]
@@ -100,7 +112,7 @@ class LoRA:
         A, B = self.A["o"], self.B["o"]
         if not kernels:
             return y + torch.matmul(self.dropped("o", o), (B @ A).transpose(0, 1)) * self.scale
-        return y + (self.dropped("o", o) @ A.t()) @ (B * self.scale).t()
+        return y + self.down("o", o) @ (B * self.scale).t()
 
     def merge(self, attn) -> "Merged":
         """The block's weights with the deltas added, W_p + (B_p @ A_p) * s (differentiable in A
@@ -166,6 +178,6 @@ def with_masks(slots: dict, rows: int, length: int, keep: int, device) -> dict:
             if p in slot.A:
                 width = slot.A[p].shape[1]
                 noise = torch.empty(length, rows, width, device=device).bernoulli_(1.0 - slot.dropout)
-                masks[p] = noise[:keep].transpose(0, 1).bool()
+                masks[p] = noise[:keep].transpose(0, 1).to(torch.bool, memory_format=torch.contiguous_format)
         out[i] = dataclasses.replace(slot, masks=masks)
     return out

@@ -146,7 +146,8 @@ def test_clip_lora_dropout_draws_the_release_masks(options, fast):
     torch.manual_seed(7)
     ref_loss = F.cross_entropy(reference_logits(model, x, p=0.25), y)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
-    assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5
+    # the fast path folds 1/(1-p) into A: rounding of ~2e-5 on a loss of ~9 (other draws: ~1)
+    assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 5e-5
     for (name, p), ref in zip(params.items(), ref_grads):
         rel = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-20))
         assert rel < 1e-4, f"{name}: max|Δgrad| / max|grad| = {rel:.3g}"
