@@ -15,8 +15,9 @@ Two ways to compute the branch, the same maths (`RunOptions.kernels`):
   their rows of the in-projection, plus `drop(x) @ (B @ A).T * s` with the d_out x d_in product
   formed on every call;
 * on — the fused qkv projection, then all adapted projections' branches in one skinny matmul each
-  way: u = [drop_q(x) A_qᵀ | drop_k(x) A_kᵀ | drop_v(x) A_vᵀ] [.., k·r] and qkv += u (s·diag(B))ᵀ,
-  diag(B) the block-diagonal [3d, k·r]; nothing of size d x d is formed, forward or backward.
+  way: u = [drop_q(x) A_qᵀ | drop_k(x) A_kᵀ | drop_v(x) A_vᵀ] [.., k·r] and qkv += u diag(B)ᵀ,
+  diag(B) the block-diagonal [3d, k·r], s and 1/(1-p) folded into the [r, d] matrices A (not
+  applied to the [.., d] inputs); nothing of size d x d is formed, forward or backward.
 
 Inference uses `Merged` (`LoRA.merge`): a copy of the block's weights with s·B_p A_p added to the
 rows of each adapted projection (the release's `add_lora_data`: W += (B @ A) * s), so an image pass
@@ -77,9 +78,9 @@ class LoRA:
         """The release's branch input of projection p: x, or x with the mask's zeros times 1/(1-p)."""
         return self.masked(p, x) * self.keep(x) if self.dropout else x
 
-    def down(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        """The fast path's drop_p(x) A_pᵀ [.., r], 1/(1-p) folded into the [r, d] matrix A."""
-        return self.masked(p, x) @ (self.A[p] * self.keep(x)).t() if self.dropout else x @ self.A[p].t()
+    def down(self, p: str, x: torch.Tensor, factor) -> torch.Tensor:
+        """The fast path's s·drop_p(x) A_pᵀ [.., r]: s/(1-p) (`factor`) folded into the [r, d] A."""
+        return self.masked(p, x) @ (self.A[p] * factor).t()
 
     def qkv(self, attn, h: torch.Tensor, kernels: bool):
         """(q, k, v), each [.., n, d]: the in-projection of `h` with the deltas."""
@@ -96,11 +97,12 @@ class LoRA:
         qkv = F.linear(h, w, b)
         adapted = [p for p in "qkv" if p in self.A]
         if adapted:
+            factor = self.keep(h) * self.scale
             if self.dropout:  # each projection its own input
-                u = torch.cat([self.down(p, h) for p in adapted], dim=-1)
+                u = torch.cat([self.down(p, h, factor) for p in adapted], dim=-1)
             else:
-                u = h @ torch.cat([self.A[p] for p in adapted]).t()
-            blocks = [self.B[p] * self.scale if p in self.A else h.new_zeros(d, 0) for p in "qkv"]
+                u = h @ (torch.cat([self.A[p] for p in adapted]) * factor).t()
+            blocks = [self.B[p] if p in self.A else h.new_zeros(d, 0) for p in "qkv"]
             qkv = qkv + u @ torch.block_diag(*blocks).t()
         return qkv.chunk(3, dim=-1)
 
@@ -112,7 +114,7 @@ class LoRA:
         A, B = self.A["o"], self.B["o"]
         if not kernels:
             return y + torch.matmul(self.dropped("o", o), (B @ A).transpose(0, 1)) * self.scale
-        return y + self.down("o", o) @ (B * self.scale).t()
+        return y + self.down("o", o, self.keep(o) * self.scale) @ B.t()
 
     def merge(self, attn) -> "Merged":
         """The block's weights with the deltas added, W_p + (B_p @ A_p) * s (differentiable in A

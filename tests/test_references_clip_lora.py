@@ -104,6 +104,13 @@ def make(seed=0, **options):
     return model
 
 
+def close_losses(loss, ref_loss):
+    """Within fp32 rounding: the fast path folds s and 1/(1-p) into A, which moves a loss of ~6-9
+    by up to ~2e-5 here (a mistake moves it by 1e-2 to 1)."""
+    loss, ref = float(loss.detach()), float(ref_loss.detach())
+    assert abs(loss - ref) <= 5e-6 * abs(ref) + 1e-6, (loss, ref)
+
+
 CASES = [
     pytest.param({}, id="released-defaults"),
     pytest.param({"params": "qkvo", "position": "half-up", "encoder": "vision", "r": 3, "alpha": 2.0},
@@ -124,7 +131,7 @@ def test_clip_lora_matches_reference(options, fast):
     loss.backward()
     ref_loss = F.cross_entropy(reference_logits(model, x), y)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
-    assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5
+    close_losses(loss, ref_loss)
     for (name, p), ref in zip(params.items(), ref_grads):
         rel = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-20))
         assert rel < 1e-4, f"{name}: max|Δgrad| / max|grad| = {rel:.3g}"
@@ -146,8 +153,7 @@ def test_clip_lora_dropout_draws_the_release_masks(options, fast):
     torch.manual_seed(7)
     ref_loss = F.cross_entropy(reference_logits(model, x, p=0.25), y)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
-    # the fast path folds 1/(1-p) into A: rounding of ~2e-5 on a loss of ~9 (other draws: ~1)
-    assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 5e-5
+    close_losses(loss, ref_loss)
     for (name, p), ref in zip(params.items(), ref_grads):
         rel = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-20))
         assert rel < 1e-4, f"{name}: max|Δgrad| / max|grad| = {rel:.3g}"
