@@ -66,6 +66,43 @@ def test_cli_run_follows_the_release_schedule_per_iteration(tmp_path, capsys):
     assert "acc" in json.loads((out / "metrics.json").read_text())
 
 
+def test_a_resumed_run_draws_the_same_masks(tmp_path, monkeypatch):
+    """Dropout draws come from the per-epoch seeded RNG: a run killed in its third epoch and
+    resumed ends with the tensors and AdamW state of the uninterrupted run, bit for bit."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    import fastprompt.training as training
+    from fastprompt.data import Datum
+    from fastprompt.recipes import Recipe
+    from fastprompt.training import TrainEnv, train
+
+    g = torch.Generator().manual_seed(0)
+    items = [Datum(None, i % 2, CLASSNAMES[i % 2], image=Image.fromarray(
+        (torch.rand(36, 36, 3, generator=g) * 255).to(torch.uint8).numpy())) for i in range(8)]
+    recipe = recipe_for("clip_lora", batch_size=4, shots=1, iterations_per_shot=7)  # 4 epochs
+    env = TrainEnv(device=torch.device("cpu"), seed=1, progress=False)
+
+    def model():
+        torch.manual_seed(1)
+        return fp.create("clip_lora", tiny_clip(), CLASSNAMES[:2])
+    train(model(), recipe, items, tmp_path / "whole", env, log=lambda *_: None)
+    run_epoch = training._run_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), recipe, items, tmp_path / "part", env, log=lambda *_: None)
+    monkeypatch.setattr(training, "_run_epoch", run_epoch)
+    train(model(), recipe, items, tmp_path / "part", env, resume=True, log=lambda *_: None)
+    a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("whole", "part"))
+    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------- merged inference
 def test_merged_equals_unmerged_and_costs_what_plain_clip_costs():
     """Eval and the classifier run copies of the weights with s·B@A added: equal to the unmerged
@@ -173,6 +210,8 @@ def test_lora_weights_file_round_trip_and_release_layout(tmp_path):
     x = images(2)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), model.eval()(x))
+    sd = fp.original_state_dict(again)  # the file's keys, flattened; the model's own tensors
+    assert sd["layer_5.q_proj.w_lora_A"] is again.vision["11"].q.A and len(sd) == 6 * 2 * 2
 
 
 def test_lora_weights_written_by_hand_text_first(tmp_path):
