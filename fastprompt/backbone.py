@@ -182,9 +182,9 @@ class Backbone(nn.Module):
                     opts: RunOptions = RunOptions(), prompt_start: int = 1,
                     used: int | None = None) -> torch.Tensor:
         """Token embeddings [N, L, D] (prompts substituted) + end-of-text rows -> features [N, E]."""
-        if needs_masks(hooks.lora):  # at full length: the text shortcut keeps the first rows
+        if needs_masks(hooks):  # at full length: the text shortcut keeps the first rows
             keep = self.text_length(eot, emb.shape[1], opts, used)
-            hooks = replace(hooks, lora=with_masks(hooks.lora, emb.shape[0], emb.shape[1], keep, emb.device))
+            hooks = with_masks(hooks, emb.shape[0], emb.shape[1], keep, emb.device)
 
         def run(emb, eot, hooks):
             x = self.text_input(emb, eot, opts, used)
@@ -205,8 +205,7 @@ class Backbone(nn.Module):
         """Features [N, E] from hidden states `x` entering text layer `layer` (`text_hidden`'s
         output): layers layer.. with `hooks`, then the head; in chunks as `encode_text`. LoRA
         dropout masks are drawn at the length of `x`."""
-        if needs_masks(hooks.lora):
-            hooks = replace(hooks, lora=with_masks(hooks.lora, x.shape[0], x.shape[1], x.shape[1], x.device))
+        hooks = with_masks(hooks, x.shape[0], x.shape[1], x.shape[1], x.device)
 
         def run(x, eot, hooks):
             x = self.text_blocks(x, hooks, opts, start=layer, prompt_start=prompt_start)
@@ -267,8 +266,7 @@ class Backbone(nn.Module):
                      opts: RunOptions = RunOptions()) -> torch.Tensor:
         """Images [B, 3, H, W] -> image features [B, E] (before normalisation)."""
         x = self.image_input(images, hooks)
-        if needs_masks(hooks.lora):
-            hooks = replace(hooks, lora=with_masks(hooks.lora, x.shape[0], x.shape[1], x.shape[1], x.device))
+        hooks = with_masks(hooks, x.shape[0], x.shape[1], x.shape[1], x.device)
         for i, blk in enumerate(self.visual.transformer.resblocks):
             p = hooks.prompts.get(i) if i > 0 else None
             start = x.shape[1] - p.shape[-2] if p is not None else 0

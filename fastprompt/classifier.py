@@ -47,7 +47,7 @@ class Classifier(nn.Module):
 
     def image_hooks(self) -> TowerHooks:
         prompts = {i: getattr(self, f"image_prompt_{i}") for i in self._prompt_layers}
-        lora = {i: Merged(getattr(self, f"image_in_proj_{i}", None), getattr(self, f"image_out_proj_{i}", None))
+        lora = {i: Merged(*(getattr(self, f"image_{part}_{i}", None) for part in ("in_proj", "out_proj")))
                 for i in self._merged_layers}
         return TowerHooks(prompts=prompts, adapters=self._adapters, lora=lora)
 

@@ -91,7 +91,8 @@ class LoRA:
                 rows = slice(j * d, (j + 1) * d)
                 y = F.linear(h, w[rows], None if b is None else b[rows])
                 if p in self.A:
-                    y = y + torch.matmul(self.dropped(p, h), (self.B[p] @ self.A[p]).transpose(0, 1)) * self.scale
+                    delta = (self.B[p] @ self.A[p]).transpose(0, 1)
+                    y = y + torch.matmul(self.dropped(p, h), delta) * self.scale
                 out.append(y)
             return out
         qkv = F.linear(h, w, b)
@@ -160,18 +161,21 @@ class Merged:
         return self
 
 
-def needs_masks(slots: dict) -> bool:
-    return any(isinstance(s, LoRA) and s.dropout > 0 and not s.masks for s in slots.values())
+def needs_masks(hooks) -> bool:
+    """Whether a LoRA slot of `hooks` (backbone.TowerHooks) drops out without its masks yet."""
+    return any(isinstance(s, LoRA) and s.dropout > 0 and not s.masks for s in hooks.lora.values())
 
 
-def with_masks(slots: dict, rows: int, length: int, keep: int, device) -> dict:
-    """`slots` (block -> LoRA | Merged) with the dropout masks of every LoRA drawn: for each
+def with_masks(hooks, rows: int, length: int, keep: int, device):
+    """`hooks` (backbone.TowerHooks) with the dropout masks of every LoRA slot drawn: for each
     adapted projection, block by block in `PROJECTIONS` order, `torch.empty(length, rows, D)
     .bernoulli_(1 - p)` (the release's sequence-first draw), of which the first `keep` positions
     are kept, as bool [rows, keep, D]."""
+    if not needs_masks(hooks):
+        return hooks
     out = {}
-    for i in sorted(slots):
-        slot = slots[i]
+    for i in sorted(hooks.lora):
+        slot = hooks.lora[i]
         if not (isinstance(slot, LoRA) and slot.dropout > 0):
             out[i] = slot
             continue
@@ -180,6 +184,7 @@ def with_masks(slots: dict, rows: int, length: int, keep: int, device) -> dict:
             if p in slot.A:
                 width = slot.A[p].shape[1]
                 noise = torch.empty(length, rows, width, device=device).bernoulli_(1.0 - slot.dropout)
-                masks[p] = noise[:keep].transpose(0, 1).to(torch.bool, memory_format=torch.contiguous_format)
+                masks[p] = noise[:keep].transpose(0, 1).to(torch.bool,
+                                                           memory_format=torch.contiguous_format)
         out[i] = dataclasses.replace(slot, masks=masks)
-    return out
+    return dataclasses.replace(hooks, lora=out)

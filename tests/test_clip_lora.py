@@ -120,7 +120,8 @@ def test_merged_equals_unmerged_and_costs_what_plain_clip_costs():
         assert (merged - unmerged).abs().max() < 1e-4 and torch.equal(clf(x), merged)
     attn = model.backbone.visual.transformer.resblocks[3].attn
     lr = model.vision["3"]
-    torch.testing.assert_close(clf.image_in_proj_3[:48], attn.in_proj_weight[:48] + lr.q.B @ lr.q.A * model.scale)
+    q_rows = attn.in_proj_weight[:48] + lr.q.B @ lr.q.A * model.scale
+    torch.testing.assert_close(clf.image_in_proj_3[:48], q_rows)
     torch.testing.assert_close(clf.image_out_proj_3, attn.out_proj.weight + lr.o.B @ lr.o.A * model.scale)
     trainable = {p.data_ptr() for p in model.trainable_state().values()}
     assert not any(t.data_ptr() in trainable for t in list(clf.buffers()) + list(clf.parameters()))
@@ -154,7 +155,8 @@ def test_onnx_export_is_merged_and_equals_torch(tmp_path, capsys):
         torch.testing.assert_close(got, model.classifier()(x), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(got, model.train()(x), atol=2e-4, rtol=1e-5)
     from PIL import Image
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
     capsys.readouterr()
     assert predict_cli.main(["--model", str(out), str(tmp_path / "a.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["top"][0]["class"] in CLASSNAMES
@@ -221,8 +223,9 @@ def test_lora_weights_written_by_hand_text_first(tmp_path):
     weights = {}
     for k, (tower, i) in enumerate([("text", i) for i in range(12)] + [("vision", i) for i in range(12)]):
         blocks = getattr(src, tower)[str(i)]
-        weights[f"layer_{k}"] = {name: {"w_lora_A": blocks[p].A.detach().clone(), "w_lora_B": blocks[p].B.detach().clone()}
-                                 for p, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "proj"))}
+        weights[f"layer_{k}"] = {
+            name: {"w_lora_A": blocks[p].A.detach().clone(), "w_lora_B": blocks[p].B.detach().clone()}
+            for p, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "proj"))}
     torch.save({"weights": weights, "metadata": {"r": 2, "alpha": 1, "encoder": "both",
                                                  "params": ["q", "k", "v", "o"], "position": "all"}},
                tmp_path / "lora_weights.pt")
@@ -247,7 +250,8 @@ def test_refusals(tmp_path):
     refused("metadata lacks r, alpha, encoder, params, position", no_meta)
     assert load_original("clip_lora", no_meta, tiny_clip(), CLASSNAMES, config=raw["metadata"])
     other = {**raw, "weights": {**raw["weights"], "layer_3": {
-        **raw["weights"]["layer_3"], "k_proj": {"w_lora_A": torch.zeros(2, 64), "w_lora_B": torch.zeros(64, 2)}}}}
+        **raw["weights"]["layer_3"],
+        "k_proj": {"w_lora_A": torch.zeros(2, 64), "w_lora_B": torch.zeros(64, 2)}}}}
     torch.save(other, tmp_path / "other.pt")
     refused(r"'layer_3.k_proj.w_lora_A' has shape \(2, 64\), expected \(2, 32\)", tmp_path / "other.pt")
     torch.save({**raw, "metadata": {**raw["metadata"], "position": "half-up"}}, tmp_path / "pos.pt")
@@ -276,7 +280,8 @@ def test_convert_cli_writes_a_run(tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(CLASSNAMES))
     assert convert_main(["--original", "clip_lora", str(tmp_path / "save"), "--model", "tiny",
-                         "--pretrained", "none", "--classnames", str(names), "--out", str(tmp_path / "run")]) == 0
+                         "--pretrained", "none", "--classnames", str(names),
+                         "--out", str(tmp_path / "run")]) == 0
     again = fp.load(tmp_path / "run", clip=tiny_clip())
     with torch.no_grad():
         assert torch.equal(again.eval()(images(2)), model.eval()(images(2)))

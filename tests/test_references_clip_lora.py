@@ -88,7 +88,8 @@ def reference_logits(model, x, p: float = 0.0):
     h = v.conv1(x).flatten(2).transpose(1, 2)
     h = torch.cat([v.class_embedding.view(1, 1, -1).expand(h.shape[0], 1, -1), h], 1) + v.positional_embedding
     h = v.ln_pre(h)
-    h = tower(v.transformer.resblocks, h, vision, s, draw(vision, h.shape[1], h.shape[0], p) if p else {}, False)
+    noise = draw(vision, h.shape[1], h.shape[0], p) if p else {}
+    h = tower(v.transformer.resblocks, h, vision, s, noise, False)
     img = v.ln_post(h[:, 0]) @ v.proj
     return 100 * F.normalize(img, dim=-1) @ F.normalize(t, dim=-1).t()
 

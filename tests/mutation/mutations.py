@@ -164,14 +164,14 @@ MUTATIONS = [
              (LORA_DROP, *lora_golden("training_dropout_on[fast]")), "q, k and v share one dropout mask"),
     Mutation("lora-masks-drawn-batch-first", "fastprompt/lora.py",
              "noise = torch.empty(length, rows, width, device=device).bernoulli_(1.0 - slot.dropout)\n"
-             "                masks[p] = noise[:keep].transpose(0, 1).to(",
+             "                masks[p] = noise[:keep].transpose(0, 1).to(torch.bool,",
              "noise = torch.empty(rows, length, width, device=device).bernoulli_(1.0 - slot.dropout)\n"
-             "                masks[p] = noise[:, :keep].to(",
+             "                masks[p] = noise[:, :keep].to(torch.bool,",
              (LORA_DROP, *lora_golden("training_dropout_on[fast]")),
              "masks drawn in the batch-first layout, not the release's sequence-first one"),
     Mutation("lora-text-masks-at-the-truncated-length", "fastprompt/backbone.py",
-             "with_masks(hooks.lora, emb.shape[0], emb.shape[1], keep, emb.device)",
-             "with_masks(hooks.lora, emb.shape[0], keep, keep, emb.device)",
+             "with_masks(hooks, emb.shape[0], emb.shape[1], keep, emb.device)",
+             "with_masks(hooks, emb.shape[0], keep, keep, emb.device)",
              (LORA_DROP, f"{LORA}::test_dropout_masks_do_not_depend_on_the_runtime_switches",
               *lora_golden("training_dropout_on[fast]")),
              "text masks drawn for the cut sequence: other draws than the release's 77-token ones"),
