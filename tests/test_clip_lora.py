@@ -136,7 +136,8 @@ def test_merged_equals_unmerged_and_costs_what_plain_clip_costs():
 
 def test_onnx_export_is_merged_and_equals_torch(tmp_path, capsys):
     """`python -m fastprompt.export` on a run: the graph holds the merged weights (no [r, d]
-    tensor), onnxruntime equals the torch classifier and the unmerged model; predict reads it."""
+    tensor), onnxruntime equals the torch classifier and the unmerged model, its fp16 rewrite (what
+    a TensorRT engine is built from) passes the precision check; predict reads it."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from fastprompt import predict as predict_cli
@@ -154,6 +155,14 @@ def test_onnx_export_is_merged_and_equals_torch(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(got, model.classifier()(x), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(got, model.train()(x), atol=2e-4, rtol=1e-5)
+    # the graph TensorRT's fp16 engine is built from (export/fp16.py): checked and close
+    from fastprompt.export import fp16 as fp_fp16
+    from fastprompt.export import tensorrt as fp_trt
+    mixed = fp_fp16.to_mixed_fp16(proto)
+    assert fp_fp16.check_precision(mixed, fp16=True)["fp32_norms"] == 26
+    half = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    got16 = torch.from_numpy(half.run(None, {"images": x.numpy()})[0])
+    assert (got16 - got).abs().max() / got.abs().max() < fp_trt.FP16_MAX_REL_ERR / 3
     from PIL import Image
     pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")

@@ -8,7 +8,7 @@ both towers by default) the frozen projection gains s·B_p A_p (the weight-delta
     y_p = x W_pᵀ + b_p + s · drop(x) A_pᵀ B_pᵀ,    A_p [r, d] kaiming-uniform(a=√5), B_p [d, r] zeros
 
 with s = α/√r (loralib/layers.py `self.scaling = lora_alpha / math.sqrt(r)`; the α/r line is
-commented out), r = 2, α = 1: 184,320 trainable tensors' elements on ViT-B/16 (text 12·3·2·512·2 =
+commented out), r = 2, α = 1: 184,320 trainable values on ViT-B/16 (text 12·3·2·512·2 =
 73,728, vision 12·3·2·768·2 = 110,592). Dropout 0.25 on the branch input only, in training only.
 Training runs unmerged; eval mode and `classifier()` merge s·B A into copies of the weights (the
 release's `eval()` merges in place). Logits are 100·cos (`main.py`: `logit_scale = 100`, an int,
