@@ -8,7 +8,10 @@ virtual environment, from a directory outside the checkout (see .ci/run).
 * nothing named `kernels` or `export` sits at the top of site-packages;
 * the shipped weights are in the wheel;
 * each command's --help runs (python -m fastprompt, .train, .predict, .export, .convert, .table,
-  .pretrain), and a zero-shot run on the built-in data trains and evaluates end to end.
+  .pretrain), and a zero-shot run on the built-in data trains and evaluates end to end;
+* every Python block of the checkout's README runs as written against the wheel, each in an empty
+  folder (tests/readme_blocks.py, as tests/test_readme.py runs them); a block marked
+  `# needs: ...` is reported as skipped, by name.
 """
 from __future__ import annotations
 
@@ -36,6 +39,28 @@ def expected_modules(checkout: Path) -> list[str]:
                 continue  # run by the --help checks below
             names.append(".".join([package, *parts]))
     return names
+
+
+def readme_blocks(checkout: Path, failures: list) -> str:
+    """Run the README's Python blocks with this environment's Python; a summary for the last line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_blocks", checkout / "tests" / "readme_blocks.py")
+    blocks = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = blocks  # its dataclass looks itself up there
+    spec.loader.exec_module(blocks)
+    ran = 0
+    for block in blocks.python_blocks(checkout / "README.md"):
+        if block.needs:
+            print(f"wheel check: README block {block.name} skipped: needs {block.needs}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = blocks.run_block(block, Path(tmp), sys.executable)
+        ran += 1
+        if proc.returncode != 0:
+            failures.append(f"README block {block.name}: exit {proc.returncode}: "
+                            f"{proc.stderr.strip()[-300:]}")
+    return f"{ran} README blocks"
 
 
 def main(checkout: str) -> int:
@@ -74,11 +99,12 @@ def main(checkout: str) -> int:
         if proc.returncode != 0 or "hm" not in proc.stdout:
             failures.append(f"zero-shot run from the wheel: exit {proc.returncode}: "
                             f"{proc.stderr.strip()[-300:]}")
+    readme = readme_blocks(checkout, failures)
     for line in failures:
         print(f"wheel check: {line}", file=sys.stderr)
     n = len(expected_modules(checkout))
-    print(f"wheel check: {n} modules imported from {env}, {len(COMMANDS)} commands, zero-shot run: "
-          f"{'FAILED' if failures else 'ok'}")
+    print(f"wheel check: {n} modules imported from {env}, {len(COMMANDS)} commands, zero-shot run, "
+          f"{readme}: {'FAILED' if failures else 'ok'}")
     return 1 if failures else 0
 
 

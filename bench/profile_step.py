@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=500)
     p.add_argument("--model", default="ViT-B-16")
     a = p.parse_args()
-    clip = fp.load_clip(a.model, seed=0, device="cuda")
+    clip = fp.load_clip(a.model, pretrained=None, seed=0, device="cuda")
     batch = RECIPES[a.method].batch_size
     x = torch.randn(batch, 3, clip.image_size, clip.image_size, device="cuda")
     y = torch.arange(batch, device="cuda") % a.classes

@@ -52,8 +52,9 @@ def rows_of(data: dict) -> dict[str, list[dict]]:
 
 
 def is_baseline(variant: str) -> bool:
-    """The row a group's speed-ups are relative to: `baseline`, or `default` in a block-size sweep."""
-    return variant == "baseline" or variant.endswith("[default]")
+    """The row a group's speed-ups are relative to: `baseline`, `sequential` (packed training), or
+    `default` in a block-size sweep."""
+    return variant in ("baseline", "sequential") or variant.endswith("[default]")
 
 
 def _gpu_columns(r: dict, base_ms: float | None) -> str:
@@ -143,7 +144,23 @@ def speedups(data: dict) -> str:
                          f"{_ms(fast.get('median')):>13} {_ms(clip.get('median')):>15} "
                          f"{_x(base.get('median'), fast.get('median')):>11} "
                          f"{_x(clip.get('median'), fast.get('median')):>15}")
-    rest = {g: v for g, v in by_group.items() if g not in train and g not in infer}
+    packs = {g: v for g, v in by_group.items() if g.startswith("pack-")}
+    if packs:
+        lines += ["", "packed training: R runs of one method, one step each (sequential: one after "
+                      "the other; packed: one backbone pass for all)",
+                  f"{'method':<12} {'runs':>4} {'images':>6} {'sequential ms':>13} {'packed ms':>9} "
+                  f"{'speed-up':>8} {'packed img/s':>12} {'peak MiB':>8}"]
+        order = sorted(packs.items(), key=lambda kv: (next(iter(kv[1].values())).get("method", ""),
+                                                      next(iter(kv[1].values())).get("runs", 0)))
+        for group, rows in order:
+            seq, pk = rows.get("sequential", {}), rows.get("packed", {})
+            ref = pk or seq
+            ips = f"{pk['images'] / pk['median']:.0f}" if pk.get("images") else "-"
+            lines.append(f"{ref.get('method', group):<12} {ref.get('runs', '?'):>4} "
+                         f"{ref.get('images', '?'):>6} {_ms(seq.get('median')):>13} "
+                         f"{_ms(pk.get('median')):>9} {_x(seq.get('median'), pk.get('median')):>8} "
+                         f"{ips:>12} {pk.get('peak_mib', '-'):>8}")
+    rest = {g: v for g, v in by_group.items() if g not in train and g not in infer and g not in packs}
     if rest:
         lines += ["", "other groups: each variant's speed-up over the group's baseline"]
         for key, rows in sorted(rows_of({"benchmarks": [b for b in data["benchmarks"]

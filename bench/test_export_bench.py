@@ -37,7 +37,7 @@ def workload(cuda: bool) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def backbone(cuda: bool):
-    return fp.load_clip(workload(cuda)["backbone"], seed=0, device="cuda" if cuda else "cpu")
+    return fp.load_clip(workload(cuda)["backbone"], pretrained=None, seed=0, device="cuda" if cuda else "cpu")
 
 
 def silent(*_args, **_kwargs):

@@ -1,7 +1,8 @@
 """Inference and training throughput per method: the original-style baseline vs fastprompt.
 
 baseline   = the same model with every optimisation off (`set_fast(False)`): 77 text tokens,
-             the text tower rerun on every batch, `torch.cat` insertion, unfused adapters, no caches
+             the text tower rerun on every batch, `torch.cat` insertion, unfused adapters, no caches;
+             PromptSRC's frozen image features from a second copy of the image tower, as released
 fastprompt = the defaults: `model.classifier()` for inference (cached text, one image pass), the
              text shortcut / kernels / caches for training
 clip-image-only = open_clip's own `encode_image` + one matmul: the ceiling for inference
@@ -26,13 +27,14 @@ from fastprompt.recipes import RECIPES
 from fastprompt.training import LossModule, TrainEnv, make_step
 
 INFER_METHODS = ["coop", "maple", "ivlp", "mma", "maple+lamm", "clip_lora"]
-TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm", "clip_lora"]
+TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm", "promptsrc", "kgcoop",
+                 "clip_lora"]
 
 
 @functools.lru_cache(maxsize=None)
 def backbone(cuda: bool):
     name = "ViT-B-16" if cuda else "tiny"
-    return fp.load_clip(name, seed=0, device="cuda" if cuda else "cpu")
+    return fp.load_clip(name, pretrained=None, seed=0, device="cuda" if cuda else "cpu")
 
 
 def workload(env) -> dict:
@@ -105,6 +107,8 @@ def test_train_step(benchmark, bench, method, variant):
     model = fp.create(method, clip, classnames(n), text_chunk=chunk).train()
     if variant == "baseline":
         model.set_fast(False)
+        if method == "promptsrc":  # the released code: a second, prompt-free image tower in memory
+            second_tower(model)
     x = images(env, batch, w["image"])
     y = torch.arange(batch, device=env.device) % n
     opt = torch.optim.SGD(model.trainable_state().values(), lr=1e-4, momentum=0.9)
@@ -136,6 +140,16 @@ def test_train_step(benchmark, bench, method, variant):
          cuda_graph=getattr(loss_fn, "graphed", None) is not None and not getattr(loss_fn, "failed", False))
     if env.cuda:
         note(benchmark, peak_mib=round((torch.cuda.max_memory_allocated() - live) / 2 ** 20, 1))
+
+
+def second_tower(model) -> None:
+    """PromptSRC as released (trainers/promptsrc.py): the frozen image features v0 come from
+    `ZS_image_encoder`, a separate copy of the image tower run by its own forward, instead of the
+    backbone with the slots off."""
+    import copy
+
+    tower = copy.deepcopy(model.clip.model.visual).requires_grad_(False)
+    model.teacher_image = lambda images: tower(images)
 
 
 def count_flops(step, x, y, env) -> int:

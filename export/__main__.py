@@ -1,7 +1,8 @@
 """python -m fastprompt.export --run RUN_DIR --format onnx|tensorrt --out FILE [options]
 
 Exit status: 0 exported and checked; 1 the check failed, or the engine failed while being checked
-(the rejected file is kept for inspection; an ONNX --out that existed is left as it was); 2 bad
+(the rejected file is kept for inspection as NAME.rejected.onnx / NAME.rejected.plan; an --out
+that existed is left as it was); 2 bad
 input (missing run, unsupported method, TensorRT/CUDA missing, bad option, an --out suffix that
 predict could not open), one line on stderr.
 """

@@ -13,11 +13,15 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from fastprompt.errors import ExportError
+from fastprompt.readers import ascii_int, loads
+
+#: mean and std of the metadata lie within +-PIXEL_BOUND, std above 1/PIXEL_BOUND: pixels are
+#: 0..1, and a std of 1e-300 is 0 in float32 (a division by zero), 1e-40 an overflow to inf
+PIXEL_BOUND = 1e6
 
 
 def run_fingerprint(run_dir) -> str:
@@ -107,23 +111,22 @@ def read_metadata(props: dict[str, str], where="the model") -> dict:
     for key in ("classnames", "mean", "std", "backbone"):
         if key in out:
             try:
-                out[key] = json.loads(out[key])
-            except (ValueError, TypeError, RecursionError):
+                out[key] = loads(out[key])
+            except (ValueError, TypeError):
                 raise bad(key, "JSON") from None
     names = out["classnames"]
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise bad("classnames", "a JSON list of class names")
-    for key in ("mean", "std"):
+    for key, low in (("mean", -PIXEL_BOUND), ("std", 1 / PIXEL_BOUND)):
         v = out[key]
         if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)):
-            raise bad(key, "a JSON list of 3 finite numbers")
-    if min(out["std"]) <= 0:
-        raise bad("std", "positive numbers")
-    text = str(out["image_size"]).strip()
-    if not text.isdigit() or not 1 <= int(text) <= 16384:
+                isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= PIXEL_BOUND
+                for x in v)):
+            raise bad(key, f"a JSON list of 3 numbers from {low:g} to {PIXEL_BOUND:g}")
+    size = ascii_int(str(out["image_size"]).strip())
+    if size is None or not 1 <= size <= 16384:
         raise bad("image_size", "an integer from 1 to 16384")
-    out["image_size"] = int(text)
+    out["image_size"] = size
     if out["output"] not in ("logits", "features"):
         raise bad("output", "'logits' or 'features'")
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprompt.errors import ExportError, FastpromptError, first_line
+from fastprompt.errors import ExportError, RunnerError, first_line  # noqa: F401 (RunnerError: as before)
 
 from .model import read_metadata
 
@@ -24,17 +24,12 @@ ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs it (NvInferRuntime.h, TRT 10/11)
 
 
-class RunnerError(FastpromptError, RuntimeError):
-    """A model failed while running (one-line reason; exit status 1 in the CLIs)."""
-
-    exit_code = 1
-
-
 def check_out_suffix(fmt: str, out) -> None:
     """Refuse an export file name that `open_runner` (and so predict) could not open again."""
     suffixes = (".onnx",) if fmt == "onnx" else ENGINE_SUFFIXES
     if Path(out).suffix not in suffixes:
-        raise ExportError(f"--out {out}: a {fmt} export is opened by its suffix, so name it "
+        kind = "an ONNX" if fmt == "onnx" else "a TensorRT"
+        raise ExportError(f"--out {out}: {kind} export is opened by its suffix, so name it "
                           f"{' or '.join('model' + s for s in suffixes)}")
 
 
@@ -87,7 +82,8 @@ class Runner:
     method: str = "?"
     device: str = "cpu"
 
-    def _set_meta(self, meta: dict) -> None:
+    def _set_meta(self, meta: dict, where="the model") -> None:
+        self.where = str(where)
         self.classnames = list(meta["classnames"])
         self.image_size = int(meta["image_size"])
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
@@ -99,10 +95,21 @@ class Runner:
 
     def run(self, images):
         if isinstance(images, np.ndarray):
-            return self._forward(torch.from_numpy(np.ascontiguousarray(images, np.float32))).cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+            return self._checked(self._forward(x), len(x)).cpu().numpy()
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
-        return self._forward(images.float()).to(images.device)
+        return self._checked(self._forward(images.float()), len(images)).to(images.device)
+
+    def _checked(self, out: torch.Tensor, n: int) -> torch.Tensor:
+        """The output must be [n, C] (C: the metadata's classes) for logits, [n, D] for features:
+        a file whose graph and metadata disagree would print other classes' names."""
+        if out.ndim != 2 or out.shape[0] != n or (
+                self.output == "logits" and out.shape[1] != len(self.classnames)):
+            raise ExportError(f"{self.where} gave an output of shape {list(out.shape)} for {n} "
+                              f"images, expected [{n}, {len(self.classnames)}] (its metadata names "
+                              f"{len(self.classnames)} classes): export the run again")
+        return out
 
     __call__ = run
 
@@ -149,8 +156,10 @@ class OnnxRunner(Runner):
         except Exception as err:  # onnxruntime raises its own exception types
             raise ExportError(f"cannot load {path} with onnxruntime: {first_line(err)}") from None
         self.device = device
-        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path))
+        self._set_meta(read_metadata(self.session.get_modelmeta().custom_metadata_map, path), path)
         self.input = self.session.get_inputs()[0].name
+        check_graph(path, self.session.get_inputs(), self.session.get_outputs(), self.image_size,
+                    len(self.classnames) if self.output == "logits" else None)
 
     def _forward(self, images):
         try:
@@ -160,9 +169,30 @@ class OnnxRunner(Runner):
         return torch.from_numpy(out[0])
 
 
+def check_graph(path, inputs, outputs, image_size: int, classes: int | None) -> None:
+    """One image input [B, 3, S, S] (S: the metadata's image size) and one output [B, C]
+    (C: its class count, for logits), wherever the graph fixes those sizes."""
+    def fits(shape, want):
+        return shape is not None and len(shape) == len(want) and all(
+            not isinstance(d, int) or w is None or d == w for d, w in zip(shape, want))
+
+    if len(inputs) != 1 or not fits(inputs[0].shape, (None, 3, image_size, image_size)):
+        raise ExportError(f"{path} takes {[i.shape for i in inputs]}, not one image batch "
+                          f"[B, 3, {image_size}, {image_size}] as its metadata says: export the run "
+                          f"again")
+    if not outputs or not fits(outputs[0].shape, (None, classes)):
+        raise ExportError(f"{path} outputs {[o.shape for o in outputs][:2]}, not [B, "
+                          f"{classes or 'D'}] as its metadata says ({classes} classes): export the "
+                          f"run again")
+
+
 class TensorRTRunner(Runner):
     """A TensorRT engine (.plan) built by fastprompt.export; classifies CUDA tensors.
 
+    The engine lives on one GPU: `device` "cuda" means the device current when the runner is
+    made, "cuda:N" device N. The engine is deserialized with that device current (TensorRT binds
+    an engine to it) and every call runs there, whatever device is current at call time; images
+    on another device (or the CPU) are copied to it and the result is returned on theirs.
     Runs on a stream of its own (enqueueV3 on the legacy default stream costs extra device
     synchronisations), ordered after the caller's current stream and before whatever the caller
     queues next. Every buffer handed to TensorRT is contiguous and 256-byte aligned. Batches are
@@ -170,35 +200,33 @@ class TensorRTRunner(Runner):
     zero images and the padding's rows are dropped."""
 
     def __init__(self, path, device: str = "cuda"):
-        from .engine import check_compatible, read_engine, require_tensorrt, trt_logger
+        from .engine import (check_compatible, construct, device_info, engine_io, read_engine,
+                             require_tensorrt, trt_logger)
 
         trt = require_tensorrt()
-        if not str(device).startswith("cuda"):
-            raise ExportError("TensorRT engines run on CUDA only: use --device cuda")
-        meta, data = read_engine(path)
-        check_compatible(meta, path)
-        self._set_meta(meta)
+        self.device_index = _cuda_index(device)
+        self.torch_device = torch.device("cuda", self.device_index)
         self.device = "cuda"
-        self._runtime = trt.Runtime(trt_logger())
-        self.engine = self._runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise ExportError(f"TensorRT could not load {path} (see the TensorRT messages above); "
-                              f"rebuild it with python -m fastprompt.export --format tensorrt")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise ExportError(f"TensorRT could not create an execution context for {path} "
-                              f"(out of GPU memory?)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = self.engine.get_tensor_mode
-        self.input = next(n for n in names if mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if mode(n) == trt.TensorIOMode.OUTPUT)
-        self.min_batch, _, self.max_batch = (s[0] for s in
-                                             self.engine.get_tensor_profile_shape(self.input, 0))
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self._in_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
-        self._out_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
-        self._out_dims = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
-        self.stream = torch.cuda.Stream()
+        meta, data = read_engine(path)
+        with torch.cuda.device(self.device_index):
+            check_compatible(meta, path, device_info(self.device_index))
+            self._set_meta(meta, path)
+            self._runtime = construct(trt, "Runtime", trt_logger())
+            self.engine = self._runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise ExportError(f"TensorRT could not load {path} (see the TensorRT messages "
+                                  f"above); rebuild it with python -m fastprompt.export --format "
+                                  f"tensorrt")
+            io = engine_io(trt, self.engine, meta, path)
+            self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise ExportError(f"TensorRT could not create an execution context for {path} "
+                                  f"(out of GPU memory?)")
+            self.stream = torch.cuda.Stream(device=self.device_index)
+        self.input, self.output_name = io["input"], io["output"]
+        self._in_dtype, self._out_dtype = io["input_dtype"], io["output_dtype"]
+        self.min_batch, self.max_batch = io["min_batch"], io["max_batch"]
+        self._out_dims = io["output_dims"]
 
     def _fail(self, what: str):
         raise RunnerError(f"TensorRT {what} (see the TensorRT messages above)")
@@ -226,16 +254,33 @@ class TensorRTRunner(Runner):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise RunnerError(f"images must be [B, 3, {size}, {size}] for this engine, got "
                               f"{list(images.shape)}")
-        x = images.to("cuda", self._in_dtype)
-        caller = torch.cuda.current_stream(x.device)
-        self.stream.wait_stream(caller)  # x is ready before our stream reads it
-        with torch.cuda.stream(self.stream):  # copies, padding, engine and cat in one stream order
-            empty = torch.empty((0, *self._out_dims), dtype=self._out_dtype, device=x.device)
-            out = run_in_chunks(x, self.min_batch, self.max_batch, self._enqueue, empty).float()
-        caller.wait_stream(self.stream)  # the caller's next work sees the outputs
-        x.record_stream(self.stream)     # x's memory is not reused before our stream is done
-        out.record_stream(caller)        # out was allocated on our stream, used on the caller's
+        with torch.cuda.device(self.device_index):  # the engine's GPU, not the current one
+            x = images.to(self.torch_device, self._in_dtype)
+            caller = torch.cuda.current_stream(self.torch_device)
+            self.stream.wait_stream(caller)  # x is ready before our stream reads it
+            with torch.cuda.stream(self.stream):  # copies, padding, engine and cat in one order
+                empty = torch.empty((0, *self._out_dims), dtype=self._out_dtype, device=x.device)
+                out = run_in_chunks(x, self.min_batch, self.max_batch, self._enqueue, empty).float()
+            caller.wait_stream(self.stream)  # the caller's next work sees the outputs
+            x.record_stream(self.stream)     # x's memory is not reused before our stream is done
+            out.record_stream(caller)        # out was allocated on our stream, used on the caller's
         return out
+
+
+def _cuda_index(device) -> int:
+    """The CUDA device index `device` ("cuda", "cuda:N", a torch.device or an int) names; "cuda"
+    is the current device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise ExportError(f"TensorRT engines run on CUDA only: use --device cuda (got {device!r})")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ExportError(f"device cuda:{index}: torch sees {torch.cuda.device_count()} CUDA "
+                          f"device(s)")
+    return index
 
 
 def open_runner(model, device: str | None = None) -> Runner:

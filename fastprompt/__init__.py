@@ -3,6 +3,7 @@
     clip  = fastprompt.load_clip("ViT-B-16", pretrained="openai")
     model = fastprompt.create("maple", clip, classnames)
     clf   = model.classifier()
+    top   = model.predict(["photo.jpg"], topk=5)     # [[(class name, probability), ...]]
 
     metrics = fastprompt.fit(fastprompt.TrainConfig(dataset="oxford_pets", data_root="/data"))
     metrics = fastprompt.evaluate("runs/oxford_pets/maple/seed1")

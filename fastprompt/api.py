@@ -33,6 +33,9 @@ def create(method: str, clip: Clip, classnames: list[str], **options) -> Method:
     """A method over `clip` for `classnames`; keyword options override the paper defaults, and
     the runtime switches (`kernels`, `truncate_text`, `cache`, `text_chunk`) set `model.runtime`."""
     cls = method_class(method)
+    if isinstance(classnames, (str, bytes)):  # list("cat") would be the classes c, a, t
+        raise InputError(f"classnames must be a list of class names, not one string: pass "
+                         f"[{classnames!r:.60}]")
     if classnames is None or len(list(classnames)) == 0:
         raise InputError("empty class list: give the class names to classify")
     config, runtime = split_options(method, options)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import Clip, text_parts
+from .gather import gathered
 from .lora import LoRA, Merged, needs_masks, with_masks
 
 
@@ -73,6 +74,19 @@ class Adapter:
         fn = kernels.adapter_residual if fused else reference.adapter_residual
         return fn(h, y, self.down.weight, self.down.bias, self.shared.weight, self.shared.bias,
                   self.up.weight, self.up.bias, self.scale, grad_scale=self.grad_scale)
+
+
+@dataclass
+class SegmentedAdapter:
+    """Per-segment adapters (a packed pass, `fastprompt.pack`): rows [sum(sizes)] of which the
+    r-th `sizes[r]` belong to a run whose adapter is `adapters[r]`; each segment gets its own."""
+
+    adapters: list
+    sizes: list
+
+    def __call__(self, h: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
+        parts = zip(self.adapters, torch.split(h, self.sizes), torch.split(y, self.sizes))
+        return torch.cat([a(hs, ys, fused) for a, hs, ys in parts])
 
 
 @dataclass
@@ -178,6 +192,7 @@ class Backbone(nn.Module):
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
+    @gathered
     def encode_text(self, emb: torch.Tensor, eot: torch.Tensor, hooks: TowerHooks = NO_HOOKS,
                     opts: RunOptions = RunOptions(), prompt_start: int = 1,
                     used: int | None = None) -> torch.Tensor:
@@ -192,6 +207,7 @@ class Backbone(nn.Module):
             return self.text_head(x, eot)
         return self.text_in_chunks(run, (emb, eot), hooks, opts)
 
+    @gathered
     def text_hidden(self, emb: torch.Tensor, eot: torch.Tensor, opts: RunOptions, layers: int,
                     used: int | None = None) -> torch.Tensor:
         """The hidden states [N, n, D] entering text layer `layers`: token embeddings with the
@@ -199,6 +215,7 @@ class Backbone(nn.Module):
         0..layers-1 without hooks. Constant for a fixed prompt: what MMA caches below its adapters."""
         return self.text_blocks(self.text_input(emb, eot, opts, used), NO_HOOKS, opts, stop=layers)
 
+    @gathered
     def encode_text_from(self, x: torch.Tensor, eot: torch.Tensor, layer: int,
                          hooks: TowerHooks = NO_HOOKS, opts: RunOptions = RunOptions(),
                          prompt_start: int = 1) -> torch.Tensor:
@@ -212,6 +229,7 @@ class Backbone(nn.Module):
             return self.text_head(x, eot)
         return self.text_in_chunks(run, (x, eot), hooks, opts)
 
+    @gathered
     def encode_text_per_prompt(self, emb: torch.Tensor, eot: torch.Tensor, prompts: torch.Tensor,
                                opts: RunOptions = RunOptions(), start: int = 1,
                                used: int | None = None) -> torch.Tensor:
@@ -262,6 +280,7 @@ class Backbone(nn.Module):
             x = torch.cat([x, shallow], dim=1)
         return v.ln_pre(x)
 
+    @gathered
     def encode_image(self, images: torch.Tensor, hooks: TowerHooks = NO_HOOKS,
                      opts: RunOptions = RunOptions()) -> torch.Tensor:
         """Images [B, 3, H, W] -> image features [B, E] (before normalisation)."""

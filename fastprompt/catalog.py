@@ -14,6 +14,7 @@ import argparse
 import ast
 from pathlib import Path
 
+from .config import DEFAULT_DATASET, TrainConfig
 from .recipes import recipe_from_card
 
 METHODS_DIR = Path(__file__).resolve().parent / "methods"
@@ -54,12 +55,12 @@ GENERATED_DATASETS = ("shapes_colour", "shapes_texture", "shapes_count")
 DATASET_GROUPS = (
     ("generated in memory, no --data-root (made for the built-in tiny backbone)",
      GENERATED_DATASETS + ("builtin",)),
-    ("your own images: --data-root DIR holding one sub-folder of images per class (or train/ "
+    ("your own images (--data-root DIR holding one sub-folder of images per class, or train/ "
      "and test/ holding those)", ("folder",)),
-    ("CoOp's benchmarks: --data-root in the layout of CoOp's DATASETS.md",
+    ("CoOp's benchmarks (--data-root in the layout of CoOp's DATASETS.md)",
      ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")),
-    ("ImageNet shifts, test only: --eval-datasets of a run trained on imagenet",
+    ("ImageNet shifts, test only (--eval-datasets of a run trained on imagenet)",
      ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")),
 )
 
@@ -100,7 +101,8 @@ def recipe_summary(method: str) -> str:
 def methods_help() -> str:
     """--method's help: one line per method, what it learns and its recipe defaults."""
     width = max(map(len, METHOD_SUMMARIES))
-    lines = ["method to train (default maple). Each with its recipe: batch, lr, epochs (warm-up "
+    lines = [f"method to train (default {TrainConfig.method}). Each with its recipe: batch, lr, "
+             "epochs (warm-up "
              "epochs at lr 1e-5) of base2novel, and where the cross recipe or imagenet differ; "
              "--batch-size, --lr, --epochs override them:"]
     lines += [f"{name:<{width}}  {what}; {recipe_summary(name)}"
@@ -109,9 +111,10 @@ def methods_help() -> str:
 
 
 def datasets_help() -> str:
-    """--dataset's help: the datasets by kind, and what --data-root must hold for each."""
-    lines = ["dataset (default shapes_colour):"]
-    lines += [f"{' '.join(names)}: {what}" for what, names in DATASET_GROUPS]
+    """--dataset's help: the datasets by kind, and what --data-root must hold for each; each kind
+    says what it is first, its names after (a name at the start of a line reads like a heading)."""
+    lines = [f"dataset (default {DEFAULT_DATASET}), by kind:"]
+    lines += [f"- {what}: {', '.join(names)}" for what, names in DATASET_GROUPS]
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ source, init seed); nothing is unpickled on load. The options are what defines t
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,8 +15,10 @@ import torch
 from .api import create
 from .backbone import RUNTIME_OPTIONS
 from .clip import Clip, load_clip
-from .errors import CheckpointError, FastpromptError, first_line
+from .config import MAX_SEED
+from .errors import CheckpointError, FastpromptError, first_line, short_repr
 from .files import atomic_write, write_json
+from .readers import loads
 
 FORMAT = "fastprompt-adapter/1"
 CONFIG, WEIGHTS = "config.json", "adapter.safetensors"
@@ -135,6 +136,10 @@ def check_config(config, path) -> dict:
         if value is ... or not isinstance(value, kinds) or isinstance(value, bool):
             raise CheckpointError(f"'backbone.{key}' in {path} is missing or of the wrong type "
                                   f"({type(value).__name__}): {fix}")
+    seed = config["backbone"]["seed"]
+    if not 0 <= seed <= MAX_SEED:
+        raise CheckpointError(f"'backbone.seed' in {path} is {short_repr(seed)}, outside 0..{MAX_SEED} "
+                              f"(the seeds a run accepts): {fix}")
     return config
 
 
@@ -144,15 +149,11 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG} in {run_dir}: not a fastprompt run directory")
     try:
-        config = json.loads(path.read_bytes(), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, NaN constants
+        config = loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, bad UTF-8, NaN constants, too deep
         raise CheckpointError(f"{path} is not valid JSON ({first_line(err)}): restore the file or "
                               f"save the run again") from None
     return check_config(config, path)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def load(run_dir: str | os.PathLike, clip: Clip | None = None, method: str | None = None,

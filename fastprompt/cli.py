@@ -13,6 +13,10 @@ stderr, never a traceback:
 * stdout closed by the reader (`... | head -1`): quiet, status 141 (128 + SIGPIPE), as other
   Unix tools.
 
+Warnings, the library's (`warnings.warn`, with their classes for Python users) and the command's
+own, print as one line each, `warning: MESSAGE` (`warning`), never Python's `FILE:LINE: Category:`
+and source line; a warning identical to one printed before in the same command is left out.
+
 Anything else is a bug and keeps its traceback. `ValueError` is *not* caught broadly: library code
 raises the project's own errors for bad input.
 """
@@ -22,6 +26,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 from typing import Callable
 
 from .errors import EXTRAS, FastpromptError, first_line, missing_dependency
@@ -82,10 +87,36 @@ def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+#: the warning lines printed by the running command (`run_cli` empties it)
+_WARNED: set[str] = set()
+
+
+def warning(message) -> None:
+    """`warning: MESSAGE` on stderr, the message's first line only, once per command."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    if text in _WARNED:
+        return
+    _WARNED.add(text)
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` while a command runs: the message alone, as `warning` prints it."""
+    warning(message)
+
+
 def run_cli(body: Callable[[], int],
             interrupted: str = "interrupted") -> int:
     """`body()`'s exit status, with the expected failures as one line on stderr (see the module
-    docstring). `interrupted` is the line printed on Ctrl-C."""
+    docstring). `interrupted` is the line printed on Ctrl-C. Warnings print through `warning`."""
+    _WARNED.clear()
+    with warnings.catch_warnings():  # restores Python's display when the command is done
+        warnings.showwarning = _show_warning
+        return _handle(body, interrupted)
+
+
+def _handle(body: Callable[[], int], interrupted: str) -> int:
     try:
         code = body()
         sys.stdout.flush()  # a closed pipe shows here, inside the handler

@@ -8,8 +8,8 @@ CHECKPOINT is a `model.pth.tar-N` / `model-best.pth.tar` file or the original ou
 (newest epoch). The class names come from --classnames FILE (one per line, or a JSON list) or from
 --dataset/--data-root (CoOp layouts; --subsample base takes the base half, as the original
 DATASET.SUBSAMPLE_CLASSES). The run directory works with `export`, `predict` and `--eval-only`.
-An --out that already holds a run is refused unless --overwrite. Bad input: one line on stderr,
-exit status 2.
+An --out that already holds a run is refused unless --overwrite, which replaces it only once the
+new run is written. Bad input: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--original-config", default=None, help="the original trainer YAML")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its run files are deleted first)")
+                   help="replace the run already in --out (the old run stays until the new one "
+                        "is written)")
     return p.parse_args(argv)
 
 
@@ -83,6 +84,21 @@ def _subsample(args) -> str:
 
 
 def run(args) -> Path:
+    """Convert as `args` say; every input is read and checked before --out is touched, and an
+    --overwrite keeps the old run until the new one is written (`fastprompt.rundir`)."""
+    import fastprompt as fp
+    from .rundir import open_run_dir
+
+    model, extra = convert(args)
+    with open_run_dir(args.out, overwrite=args.overwrite) as work:  # never over a run unasked
+        fp.save(model, work, extra=extra)
+    return Path(args.out)
+
+
+def convert(args) -> tuple:
+    """(the fastprompt model of the original checkpoint, what config.json records beside it)."""
+    import os
+
     import fastprompt as fp
     from .original import OriginalCheckpointWarning, find_checkpoint, load_original
 
@@ -98,19 +114,25 @@ def run(args) -> Path:
         data, subsample = load_dataset(args.dataset, args.data_root), _subsample(args)
         base, novel = split_base_novel(data) if subsample == "base" else (data, None)
         classnames = base.classnames
-        extra["run"] = {"dataset": args.dataset, "data_root": args.data_root, "subsample": subsample,
+        root = os.path.abspath(os.path.expanduser(args.data_root)) if args.data_root else None
+        extra["run"] = {"dataset": args.dataset, "data_root": root, "subsample": subsample,
                         "novel_classnames": novel.classnames if novel else []}
     file = find_checkpoint(method, checkpoint)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    clip = fp.load_clip(args.model, pretrained, seed=args.backbone_seed)
+    from .config import resolve_weights
+
+    clip = fp.load_clip(args.model, resolve_weights(args.model, args.pretrained or None),
+                        seed=args.backbone_seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OriginalCheckpointWarning)
         model = load_original(method, file, clip, classnames, config=args.original_config)
+    from .cli import warning
+
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    extra["original"] = {"method": method, "checkpoint": str(file),
-                         "config": str(args.original_config) if args.original_config else None}
-    return fp.save(model, args.out, extra=extra)
+        warning(w.message)
+    extra["original"] = {"method": method, "checkpoint": os.path.abspath(file),
+                         "config": os.path.abspath(args.original_config) if args.original_config
+                         else None}
+    return model, extra
 
 
 def main(argv=None) -> int:
@@ -122,10 +144,7 @@ def main(argv=None) -> int:
 
 
 def _convert(args) -> int:
-    from .rundir import open_run_dir
-
-    with open_run_dir(args.out, overwrite=args.overwrite):  # never over a run unasked
-        out = run(args)
+    out = run(args)
     print(f"wrote {out} ({args.original[0]} from {args.original[1]})")
     return 0
 

@@ -51,6 +51,13 @@ class ExportError(FastpromptError, ValueError):
     """Bad input for an export or a runner (missing run, unsupported method, bad metadata)."""
 
 
+class RunnerError(FastpromptError, RuntimeError):
+    """A model that failed while running, or computed NaN/inf (exit status 1); importable from
+    `fastprompt.export.runners` as well."""
+
+    exit_code = 1
+
+
 class ExportCheckError(FastpromptError, RuntimeError):
     """An exported file that does not reproduce the torch classifier (exit status 1)."""
 
@@ -89,6 +96,18 @@ def require(*modules: str, what: str = ""):
                 raise  # a dependency of the module itself is missing: not ours to explain
             raise missing_dependency(name, what) from None
     return loaded[0] if loaded else None
+
+
+def setting(flag: str, value=None) -> str:
+    """A setting named for both audiences of a library error, the command line and Python:
+    `setting("--data-root", "DIR")` is "--data-root DIR (data_root=DIR)", `setting("--on-error",
+    "skip")` "--on-error skip (on_error='skip')", `setting("--lr")` "--lr (lr=)". The Python name
+    is the flag's, as `TrainConfig`'s fields are; an upper-case value is a placeholder."""
+    name = flag.lstrip("-").replace("-", "_")
+    if value is None:
+        return f"{flag} ({name}=)"
+    py = repr(value) if isinstance(value, str) and not value.isupper() else value
+    return f"{flag} {value} ({name}={py})"
 
 
 def first_line(err: BaseException) -> str:

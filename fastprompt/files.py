@@ -4,7 +4,8 @@ A write goes to a temporary file in the target's directory, is flushed and fsync
 over the target with `os.replace` (atomic on POSIX and Windows), and the directory is fsync'd. A
 crash, a full disk or Ctrl-C at any point leaves either the old file or the new one, never a mix,
 and the temporary file is removed on every failure. The new file gets the permissions a plain
-`open(path, "w")` would give it (the old file's mode when it replaces one).
+`open(path, "w")` would give it (the old file's mode when it replaces one), and, as with
+`open(path, "w")`, a symbolic link is written through (its target is replaced, the link stays).
 
     write_text(path, text)            write_bytes(path, data)
     write_json(path, obj)             append_line(path, line)   # a log that never holds half a line
@@ -55,11 +56,15 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
 
     `write` receives the temporary file's path (it exists, empty) and writes the whole content
     there, by any means (safetensors, onnx.save, matplotlib). On any exception, KeyboardInterrupt
-    included, the temporary file is removed and `path` is untouched.
+    included, the temporary file is removed and `path` is untouched; an OSError names `path`
+    (a full disk's error from `write` names no file). A `path` that is a symbolic link is
+    written through: its target gets the new content, the link stays.
     """
-    path = Path(path)
+    asked = path = Path(path)
+    if path.is_symlink():  # write through the link, as open(path, "w") does: the link stays
+        path = Path(os.path.realpath(path))
     if path.is_dir():
-        raise IsADirectoryError(21, "is a directory, not a file", str(path))
+        raise IsADirectoryError(21, "is a directory, not a file", str(asked))
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     tmp = Path(name)
@@ -71,8 +76,8 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(err, OSError) and err.filename in (str(tmp), tmp, name):
-            err.filename = str(path)  # name the file the user asked for, not our temporary one
+        if isinstance(err, OSError) and err.filename in (str(tmp), tmp, name, None):
+            err.filename = str(asked)  # the file the user asked for, not our temporary one
         raise
     return path
 

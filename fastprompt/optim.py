@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, TrainingError, setting
 
 MOMENTUM = "momentum_buffer"
 
@@ -23,7 +23,7 @@ MOMENTUM = "momentum_buffer"
 def make_optimizer(model, recipe) -> torch.optim.Optimizer:
     params = list(model.trainable_state().values())
     if not params:
-        raise TrainingError(f"method '{model.name}' has nothing to train: use --epochs 0")
+        raise TrainingError(f"method '{model.name}' has nothing to train: use {setting('--epochs', 0)}")
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
                                  weight_decay=recipe.weight_decay)

@@ -7,7 +7,7 @@ the type expected.
 
     bool   true/false, yes/no, on/off, 1/0 (any case); a JSON/Python bool (not 0/1 integers)
     int    "3", 3 (not 3.5, not True)
-    float  "0.1", "1e-3", 3, 0.1, finite only
+    float  "0.1", "1e-3", 3, 0.1, finite in float32 only (|x| <= 3.4e38)
     str    the text as given; from JSON/YAML a string only
     X | None  also "none"/"null" and None
     Literal[...] one of the listed values
@@ -21,6 +21,9 @@ import typing
 from .errors import InputError, short_repr
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+#: the largest float32: a real number above it is inf once it meets the float32 tensors
+#: (an --lr of 1e39 is finite in Python and an overflow inside the optimizer)
+FLOAT32_MAX = 3.4028234663852886e38
 _NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a finite number",
           str: "a string"}
 
@@ -68,7 +71,7 @@ def _one(kind, value):
                 number = float(text)
             except ValueError:
                 pass
-        if number is not None and math.isfinite(number):
+        if number is not None and math.isfinite(number) and abs(number) <= FLOAT32_MAX:
             return number
     elif kind is str:
         if isinstance(value, str):
@@ -114,6 +117,10 @@ LOWER = {"n_ctx": 1, "meta_ratio": 1, "shots": 1, "width": 1, "text_chunk": 0,
          "n_label_tokens": 0, "temperature": 0.0, "logit_weight": 0.0, "feature_weight": 0.0,
          "param_weight": 0.0}
 STRICT = {"temperature"}
+#: the largest sensible value, by name: a prompt of more context tokens than any text encoder's
+#: context length (77 for CLIP; `prompts.PromptTemplate` checks the model's own) cannot be encoded,
+#: and n_ctx=10**8 would spend seconds and gigabytes on the prompt's text before that check
+UPPER = {"n_ctx": 1024}
 
 
 def coerce_all(config_cls, owner: str, options: dict) -> dict:
@@ -128,4 +135,7 @@ def coerce_all(config_cls, owner: str, options: dict) -> dict:
         if value < low or (key in STRICT and value == low):
             raise InputError(f"option '{key}' of {owner} must be {'>' if key in STRICT else '>='} "
                              f"{low}, got {value}")
+        if value > UPPER.get(key, value):
+            raise InputError(f"option '{key}' of {owner} must be <= {UPPER[key]}, got {value}: the "
+                             f"prompt would be too long for the text encoder's context length")
     return out

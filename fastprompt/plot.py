@@ -4,8 +4,10 @@ Three panels over integer epochs, titled with method, dataset, seed and backbone
 training loss; the learning rate of each epoch (log scale: Dassl's 1e-5 warm-up and the cosine
 after it); training accuracy (augmented training batches), with the run's final evaluation
 (base / novel / HM, or acc, on the evaluation split) as solid reference lines and zero-shot CLIP on
-the same images as dashed ones. Read from `log.jsonl`, `metrics.json` and `config.json`; a damaged
-or missing file leaves its part out, never fails the run.
+the same images as dashed ones. Lines of the same kind at (nearly) the same height would hide each
+other, so they are drawn in turns: each colour takes every n-th dash of the group (`line_styles`),
+and all stay visible. Read from `log.jsonl`, `metrics.json` and `config.json`; a damaged or
+missing file leaves its part out, never fails the run.
 """
 from __future__ import annotations
 
@@ -14,10 +16,38 @@ from pathlib import Path
 
 from .files import atomic_write
 
-#: metrics.json key -> (label, colour, width) of a reference line; the widths differ so that lines
-#: at the same height stay visible, the wider one under the narrower
-_REFERENCES = {"base_acc": ("base", "tab:blue", 3.2), "novel_acc": ("novel", "tab:orange", 2.2),
-               "hm": ("HM", "tab:green", 1.2), "acc": ("all classes", "tab:blue", 1.6)}
+#: metrics.json key -> (label, colour) of a reference line
+_REFERENCES = {"base_acc": ("base", "tab:blue"), "novel_acc": ("novel", "tab:orange"),
+               "hm": ("HM", "tab:green"), "acc": ("all classes", "tab:blue")}
+#: line width, and the dash (on, gap) of a line of its own, for the run's lines and zero-shot's
+_WIDTH = {False: 2.2, True: 1.4}
+_DASH = {False: (6.0, 0.0), True: (3.0, 2.0)}
+#: reference lines closer than this (accuracy points) would cover each other at the figure's size
+_CLOSE = 1.0
+
+
+def line_styles(values: list[tuple[float, bool]]) -> list:
+    """A matplotlib linestyle per reference line (value, zero-shot?): solid (the run) or dashed
+    (zero-shot) alone; a group of n lines of one kind within _CLOSE of each other shares one dash
+    pattern in turns, line i drawing the i-th dash of every n, so each colour shows."""
+    styles: list = [None] * len(values)
+    for zero in (False, True):
+        order = sorted((v, i) for i, (v, z) in enumerate(values) if z == zero)
+        groups: list[list[int]] = []
+        for k, (v, i) in enumerate(order):
+            if k and v - order[k - 1][0] < _CLOSE:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        on, gap = _DASH[zero]
+        for group in groups:
+            if len(group) == 1:
+                styles[group[0]] = "-" if zero is False else (0, (on, gap))
+                continue
+            period = len(group) * (on + gap)
+            for turn, i in enumerate(group):
+                styles[i] = ((period - turn * (on + gap)) % period, (on, period - on))
+    return styles
 
 
 def _read_json(path: Path) -> dict:
@@ -81,6 +111,7 @@ def make_figure(run_dir: Path, log_name: str = "log.jsonl"):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
@@ -92,19 +123,23 @@ def make_figure(run_dir: Path, log_name: str = "log.jsonl"):
         ax_lr.plot(*zip(*lrs), marker="o", color="tab:purple")
         ax_lr.set_yscale("log")
     ax_lr.set(xlabel="epoch", ylabel="learning rate (log scale)", title="learning rate per epoch")
-    ax_acc.plot(epochs, [r["acc"] for r in rows], marker="o", color="black",
-                label="training batches (augmented)")
+    handles = ax_acc.plot(epochs, [r["acc"] for r in rows], marker="o", color="black",
+                          label="training batches (augmented)")
     split = metrics.get("eval_split", "test")
     zero = metrics.get("zeroshot_ref") or {}
-    for key, (label, colour, width) in _REFERENCES.items():
+    lines = []  # (value, zero-shot?, colour, label)
+    for key, (label, colour) in _REFERENCES.items():
         if isinstance(metrics.get(key), (int, float)):
-            ax_acc.axhline(metrics[key], color=colour, lw=width,
-                           label=f"{split} {label} after training: {metrics[key]:.1f}")
+            lines.append((metrics[key], False, colour, f"{split} {label} after training: {metrics[key]:.1f}"))
         if isinstance(zero.get(key), (int, float)):
-            ax_acc.axhline(zero[key], color=colour, lw=width * 0.6, ls="--",
-                           label=f"{split} {label}, zero-shot CLIP: {zero[key]:.1f}")
+            lines.append((zero[key], True, colour, f"{split} {label}, zero-shot CLIP: {zero[key]:.1f}"))
+    for (value, is_zero, colour, label), style in zip(lines, line_styles([(v, z) for v, z, *_ in lines])):
+        ax_acc.axhline(value, color=colour, lw=_WIDTH[is_zero], ls=style)
+        # the legend shows each line's own colour and kind, not its share of a shared pattern
+        handles.append(Line2D([], [], color=colour, lw=_WIDTH[is_zero], label=label,
+                              ls=(0, _DASH[True]) if is_zero else "-"))
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 101.5))
-    ax_acc.legend(fontsize=7, loc="best")
+    ax_acc.legend(handles=handles, fontsize=7, loc="best")
     for ax in (ax_loss, ax_lr, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -3,10 +3,12 @@
 Classifies images with a run (torch), an exported ONNX file (onnxruntime) or a TensorRT engine,
 using evaluation's preprocessing (`test_transform` with the model's image size, mean and std).
 Prints the top-k classes with softmax probabilities per image (`--json`: one JSON object a line).
-Directories are searched recursively for image files. Unreadable images are reported by path on
-stderr and skipped. Exit status: 0 when at least one image was classified, 1 when none could be
-read or the model failed while running, 2 for bad input (model not found, unknown format, missing
-path), with one line on stderr.
+Directories are searched recursively for image files. Unreadable images are skipped, each
+reported on stderr (`warning: cannot read image PATH: reason; skipped`); when none can be read,
+that is one `error:` line. The classifying is the library's (`model.predict`,
+`fastprompt.classifier.top_classes`). Exit status: 0 when at least one image was classified, 1
+when none could be read or the model failed while running, 2 for bad input (model not found,
+unknown format, missing path), with one line on stderr.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterator
 
 from fastprompt.errors import InputError  # noqa: F401 - also importable from here, as before
 
@@ -55,35 +56,39 @@ def image_paths(inputs: list[str]) -> list[str]:
     return paths
 
 
-def read_image(path: str, image_size: int | None = None):
-    """8-bit RGB PIL image as training and evaluation read it (`fastprompt.data.decode`: 16-bit
-    and palette images, bounded work per image), or None after reporting the path on stderr."""
-    from fastprompt.data.decode import ImageReadError, open_rgb
+class Unreadable:
+    """The images predict cannot read: one `warning:` line each (the image is skipped) once some
+    image was classified; held back until then, so that a run that classifies none says so in
+    one line (`nothing_read`)."""
 
-    try:
-        return open_rgb(path, image_size)
-    except ImageReadError as err:
-        print(f"{PROG}: cannot read image {path}: {err}", file=sys.stderr)
-        return None
+    def __init__(self):
+        self.held: list[str] = []
+        self.live = False
+
+    def __call__(self, index: int, path, reason: str) -> None:
+        line = f"cannot read image {path}: {reason}"
+        if self.live:
+            _skipped(line)
+        else:
+            self.held.append(line)
+
+    def release(self) -> None:
+        self.live = True
+        for line in self.held:
+            _skipped(line)
+        self.held.clear()
+
+    def nothing_read(self, count: int) -> str:
+        if count == 1 and self.held:
+            return self.held[0]
+        first = f" (first: {self.held[0]})" if self.held else ""
+        return f"none of the {count} images could be read{first}"
 
 
-def batches(paths: list[str], transform, size: int,
-            image_size: int | None = None) -> Iterator[tuple[list[str], object]]:
-    """(paths, image tensor [B, 3, S, S]) batches of the readable images."""
-    import torch
+def _skipped(line: str) -> None:
+    from fastprompt.cli import warning
 
-    names, tensors = [], []
-    for path in paths:
-        img = read_image(path, image_size)
-        if img is None:
-            continue
-        names.append(path)
-        tensors.append(transform(img))
-        if len(names) == size:
-            yield names, torch.stack(tensors)
-            names, tensors = [], []
-    if names:
-        yield names, torch.stack(tensors)
+    warning(f"{line}; skipped")
 
 
 def format_line(path: str, top: list[tuple[str, float]]) -> str:
@@ -92,37 +97,26 @@ def format_line(path: str, top: list[tuple[str, float]]) -> str:
 
 def predict(runner, paths: list[str], topk: int = 5, batch_size: int = 32, as_json: bool = False,
             out=None) -> int:
-    """Classify `paths`, print one result per readable image; return how many were classified.
-    A model output holding NaN/inf is a RunnerError (the model is broken), never printed."""
-    import torch
-
-    from fastprompt.export.runners import RunnerError
+    """Classify `paths` (`fastprompt.classifier.top_classes`, the library's own `predict`), print
+    one result per readable image; return how many were classified. When none could be read,
+    that is one `error:` line. A model output holding NaN/inf is a RunnerError, never printed."""
+    from fastprompt.classifier import top_classes
+    from fastprompt.cli import error
 
     out = sys.stdout if out is None else out
-    from fastprompt.data import test_transform
-
-    transform = test_transform(runner.image_size, runner.mean, runner.std)
-    k = max(1, min(topk, len(runner.classnames)))
+    unreadable = Unreadable()
     done = 0
-    for names, x in batches(paths, transform, batch_size, runner.image_size):
-        if runner.device == "cuda":
-            x = x.cuda()
-        logits = runner.run(x).float().cpu()
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
-        if bad:
-            raise RunnerError(f"the model's output for {names[bad[0]]} holds NaN/inf: the model is "
-                              f"broken; train or export it again")
-        probs = torch.softmax(logits, dim=-1)
-        values, index = probs.topk(k, dim=-1)
-        for path, vals, idx in zip(names, values.tolist(), index.tolist()):
-            top = [(runner.classnames[i], v) for i, v in zip(idx, vals)]
-            if as_json:
-                print(json.dumps({"image": path, "top": [{"class": c, "prob": round(p, 6)}
+    for i, top in top_classes(runner, paths, topk, batch_size, unreadable):
+        unreadable.release()
+        if as_json:
+            print(json.dumps({"image": paths[i], "top": [{"class": c, "prob": round(p, 6)}
                                                          for c, p in top]}, allow_nan=False),
-                      file=out)
-            else:
-                print(format_line(path, top), file=out)
-            done += 1
+                  file=out)
+        else:
+            print(format_line(paths[i], top), file=out)
+        done += 1
+    if done == 0:
+        error(unreadable.nothing_read(len(paths)))
     return done
 
 
@@ -135,8 +129,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from fastprompt.cli import error
-
     args = parser().parse_args(argv)  # before any torch import: --help answers at once
     from fastprompt.export.runners import open_runner
 
@@ -152,11 +144,7 @@ def _main(argv) -> int:
     if runner.output != "logits":
         raise InputError(f"{args.model} outputs image features, not class logits: export it "
                          f"without --features to classify")
-    done = predict(runner, paths, args.topk, args.batch_size, args.json)
-    if done == 0:
-        error(f"none of the {len(paths)} images could be read")
-        return 1
-    return 0
+    return 0 if predict(runner, paths, args.topk, args.batch_size, args.json) else 1
 
 
 if __name__ == "__main__":

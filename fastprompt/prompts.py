@@ -48,9 +48,16 @@ class PromptTemplate(nn.Module):
         names = [clean_name(c) for c in self.classnames]
         texts = [before + n + after for n in names]
         device = backbone.model.logit_scale.device
+        length = getattr(backbone.clip.tokenizer, "context_length", None)
+        if length and len(f"{before} {after}".split()) > length - 2:  # a word is >= 1 token:
+            raise ValueError(_too_long(texts[0], length))  # no need to tokenize 100k words
         tokens = backbone.clip.tokenize(texts)
+        eot = backbone.eot_index(tokens)
+        if int(eot.max()) >= tokens.shape[1] - 1:
+            raise ValueError(_too_long(texts[int(eot.argmax())], tokens.shape[1]))
+        _check_distinct(tokens, self.classnames, texts)
         #: max(eot) + 1: the text tokens that matter (a host int: no device sync when truncating)
-        self.used_tokens = int(backbone.eot_index(tokens).max()) + 1
+        self.used_tokens = int(eot.max()) + 1
         tokens = tokens.to(device)
         eot = backbone.eot_index(tokens)
         bare = backbone.clip.tokenize([before + after]).to(device)
@@ -59,10 +66,9 @@ class PromptTemplate(nn.Module):
         #: BPE tokens of each class name
         self.name_lengths = (eot - backbone.eot_index(bare)[0]).tolist()
         if min(self.name_lengths) < 1:
-            raise ValueError(f"empty class name in {self.classnames!r}")
-        if int(eot.max()) >= tokens.shape[1] - 1:
-            raise ValueError(f"a prompt fills all {tokens.shape[1]} text tokens: shorten the class "
-                             f"names or the prompt prefix")
+            i = self.name_lengths.index(min(self.name_lengths))
+            raise ValueError(f"empty class name {self.classnames[i]!r:.60} (class {i}): give every "
+                             f"class a name")
         with torch.no_grad():
             emb = backbone.token_embeddings(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
@@ -84,3 +90,21 @@ class PromptTemplate(nn.Module):
 
     def __len__(self) -> int:
         return len(self.classnames)
+
+
+def _too_long(text: str, length: int) -> str:
+    shown = text if len(text) <= 60 else text[:40] + " ... " + text[-15:]
+    return (f"the prompt {shown!r} is too long for the text encoder's context length of {length} "
+            f"tokens: use fewer context tokens (n_ctx), a shorter template or shorter class names")
+
+
+def _check_distinct(tokens: torch.Tensor, classnames: list[str], texts: list[str]) -> None:
+    """Two classes whose prompts tokenize alike could never be told apart (CLIP's tokenizer
+    lower-cases and reads '_' as a space: folders 'Rose' and 'rose' are one prompt)."""
+    seen: dict = {}
+    for i, row in enumerate(tokens.tolist()):
+        j = seen.setdefault(tuple(row), i)
+        if j != i:
+            raise ValueError(f"class names {classnames[j]!r:.60} and {classnames[i]!r:.60} give the "
+                             f"same prompt {texts[i]!r:.80} (the tokenizer lower-cases and reads "
+                             f"'_' as a space): rename or merge one of them")

@@ -34,8 +34,9 @@ def weights_text(model: str, pretrained: str | None, seed: int, quick_gelu: bool
 def opening_line(*, method: str, dataset: str, protocol: str, recipe, base: list[str],
                  novel: list[str] | None, images: int, backbone: str, device: str,
                  precision: str, out, prompts: list[str] | None = None) -> str:
-    """One line: method; dataset, protocol and the classes, shots and images trained on; backbone;
-    epochs, batch and lr; device and precision; the run directory."""
+    """One line: method; dataset, protocol (base-to-novel, or all classes) and the classes, shots
+    and images trained on; backbone; the recipe (named by its release: base2novel, cross or
+    fewshot) with its epochs, batch and lr; device and precision; the run directory."""
     if novel:
         classes = (f"{_n(len(base), 'base class', 'base classes')} (the other {len(novel)}, "
                    f"novel, held out for testing)")
@@ -46,11 +47,12 @@ def opening_line(*, method: str, dataset: str, protocol: str, recipe, base: list
         schedule = "no training, prompt " + " + ".join(repr(p) for p in (prompts or [])[:2]) + (
             f" + {len(prompts) - 2} more" if prompts and len(prompts) > 2 else "")
     else:
-        what = (f"{dataset}, {protocol} recipe: {classes}, {recipe.shots} shots, {images} "
-                f"training images")
+        what = (f"{dataset}{', base-to-novel' if novel else ''}: {classes}, {recipe.shots} shots, "
+                f"{images} training images")
         warm = f" ({recipe.warmup_epochs} warm-up at lr {_num(recipe.warmup_lr)})" if recipe.warmup_epochs else ""
         how = f", {recipe.optimizer_text()}" if recipe.optimizer_text() else ""
-        schedule = f"{recipe.length_text()}{warm}, batch {recipe.batch_size}, lr {_num(recipe.lr)}{how}"
+        schedule = (f"{protocol} recipe: {recipe.length_text()}{warm}, batch {recipe.batch_size}, "
+                    f"lr {_num(recipe.lr)}{how}")
     return f"{method} on {what} | {backbone} | {schedule} | {device} {precision} | run dir {out}"
 
 

@@ -3,12 +3,13 @@ the helpers training and evaluation share (autocast, DataLoader settings)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from .config import DEVICES
+from .errors import InputError, TrainingError, setting
 
 
 @dataclass
@@ -22,6 +23,8 @@ class TrainEnv:
     rank: int = 0
     world_size: int = 1
     cuda_graphs: bool = True       # capture the training step as a CUDA graph (CUDA, one process)
+    #: settings that were changed to run at all, one line each (the job warns with them)
+    notes: list = field(default_factory=list)
 
     @property
     def main(self) -> bool:
@@ -32,10 +35,22 @@ def init_distributed(device_arg: str | None) -> TrainEnv:
     """TrainEnv from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK) or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is not None and not DEVICES.fullmatch(str(device_arg)):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {str(device_arg)[:40]!r}")
     cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda but no CUDA device is visible: use --device cpu")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if str(device_arg).startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"{setting('--device', device_arg)} but no CUDA device is visible: use "
+                            f"{setting('--device', 'cpu')}")
+    index = local
+    if str(device_arg).startswith("cuda:"):
+        index, count = int(device_arg[5:]), torch.cuda.device_count()
+        if index >= count:
+            raise InputError(f"--device {device_arg}: torch sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        if world > 1:
+            raise InputError(f"--device {device_arg} under torchrun: each process takes the GPU of "
+                             f"its LOCAL_RANK; pass --device cuda")
+    device = torch.device(f"cuda:{index}" if cuda else "cpu")
     if world > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
@@ -49,6 +64,12 @@ def runtime_env(config) -> TrainEnv:
     cuda = env.device.type == "cuda"
     env.precision = ("bf16" if cuda else "fp32") if config.precision == "auto" else config.precision
     env.workers = config.workers if config.workers is not None else (4 if cuda else 0)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if env.workers > cpus:  # --workers 100000 would fork that many processes
+        if config.workers is not None:
+            env.notes.append(f"--workers {config.workers} is more than the {cpus} CPUs this process "
+                             f"may use: loading with {cpus} worker processes")
+        env.workers = cpus
     env.seed, env.on_error, env.progress = config.seed, config.on_error, config.progress
     env.cuda_graphs = config.cuda_graphs and not config.plain
     return env

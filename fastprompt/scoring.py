@@ -8,8 +8,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import DataError, ImageDataset, test_transform
+from .errors import RunnerError
 from .data.images import collate_readable
 from .runtime import autocast, loader_kwargs
+
+
+def non_finite_rows(logits: torch.Tensor) -> list[int]:
+    """The rows of a [B, C] output holding a NaN or inf (a classifier's output is never shown
+    or scored then: predict and evaluation refuse it)."""
+    return (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -49,6 +56,11 @@ def score(classifier, data, device, batch_size: int = 100, workers: int = 0,
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         with autocast(device, precision):
             logits = classifier(images)
+        bad = non_finite_rows(logits)
+        if bad:  # argmax of NaN rows is an arbitrary class: a wrong accuracy, never reported
+            raise RunnerError(f"the model's logits hold NaN/inf for {len(bad)} of {len(logits)} "
+                              f"images of a batch: nothing is scored; the model is broken (a "
+                              f"diverged run or bad weights): train or convert it again")
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
     skipped = dataset.skipped  # over all loader workers

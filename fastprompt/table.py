@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import InputError, first_line
+from .errors import InputError, first_line, short_repr
 from .files import write_json
 
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
@@ -144,6 +143,8 @@ def markdown(results: dict, seeds, root=None) -> str:
             if len(per) == len(datasets):
                 rows.append((("average", method), summarize(per)))
     for (dataset, method), m in rows:
+        if not all(math.isfinite(m[k]) for k in ("base_acc", "novel_acc", "hm")):
+            raise InputError(f"the {dataset} / {method} row is not finite ({m}): no table is written")
         lines.append(f"| {dataset} | {method} | {m['base_acc']:.1f} | {m['novel_acc']:.1f} "
                      f"| {m['hm']:.1f} |")
     odds = ", ".join(f"{d} {'/'.join(f'{c:.1f}' for c in chance(d, root))}" for d in datasets)
@@ -152,33 +153,59 @@ def markdown(results: dict, seeds, root=None) -> str:
                                f"Chance (base/novel, %): {odds}.")
 
 
+def readme_parts(path: Path) -> tuple[str, str]:
+    """The text of `path` before its BEGIN marker and from its END marker on (InputError, one
+    line, if the file is not UTF-8 text with BEGIN before END)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text: give the README (markdown) to write the "
+                         f"table into") from None
+    begin = text.find(BEGIN)
+    end = text.find(END, begin + len(BEGIN)) if begin >= 0 else -1
+    if end < 0:
+        raise InputError(f"{path} has no {BEGIN} followed by {END}: put the two markers, in this "
+                         f"order, where the table goes")
+    return text[:begin], text[end:]
+
+
 def write_readme(path: Path, table: str) -> None:
     """Replace the table between the markers of `path` (written atomically)."""
     from .files import write_text
 
-    text = path.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise InputError(f"{path} has no {BEGIN} ... {END} markers: add them where the table goes")
-    head, rest = text.split(BEGIN, 1)
-    write_text(path, head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+    head, tail = readme_parts(path)
+    write_text(path, head + BEGIN + "\n" + table + "\n" + tail)
 
 
 def read_results(path: Path) -> dict:
-    """{(dataset, method): rows} from a file written by --json (InputError, one line, if not)."""
+    """{(dataset, method): rows} from a file written by --json (InputError, one line, if not):
+    each row's accuracies are numbers from 0 to 100, its seed an integer."""
+    from .readers import loads
+
+    def bad(why: str):
+        return InputError(f"{path} is not a table written by --json: {why}")
+
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        results = {tuple(key.rsplit("/", 1)): [dict(r) for r in rows] for key, rows in saved.items()}
-        for rows in results.values():
-            for r in rows:
-                for k in ("base_acc", "novel_acc", "hm"):
-                    if not math.isfinite(float(r[k])):
-                        raise ValueError(f"{k} is {r[k]}")
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError,
-            RecursionError) as err:
-        raise InputError(f"{path} is not a table written by --json ({type(err).__name__}: "
-                         f"{first_line(err)[:80]})") from None
-    if not results or any(len(key) != 2 or not rows for key, rows in results.items()):
-        raise InputError(f"{path} is not a table written by --json (no 'dataset/method' rows)")
+        saved = loads(path.read_bytes())
+    except ValueError as err:  # not UTF-8, not JSON, NaN, too deep
+        raise bad(first_line(err)[:80]) from None
+    if not isinstance(saved, dict) or not saved:
+        raise bad("no 'dataset/method' rows")
+    results = {}
+    for key, rows in saved.items():
+        name = tuple(key.rsplit("/", 1))
+        if len(name) != 2 or not all(name) or not isinstance(rows, list) or not rows:
+            raise bad(f"entry {key[:60]!r} is not 'dataset/method' with a list of rows")
+        for r in rows:
+            if not isinstance(r, dict):
+                raise bad(f"a row of {key[:60]!r} is {short_repr(r)}, not an object")
+            for k in ("base_acc", "novel_acc", "hm"):
+                v = r.get(k)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+                    raise bad(f"'{k}' of {key[:60]!r} is {short_repr(v)}, not a percentage")
+            if "seed" in r and (isinstance(r["seed"], bool) or not isinstance(r["seed"], int)):
+                raise bad(f"'seed' of {key[:60]!r} is {short_repr(r['seed'])}, not an integer")
+        results[name] = [dict(r) for r in rows]
     return results
 
 
@@ -226,6 +253,8 @@ def _main(argv) -> int:
                         "(give --data-root too if its datasets live on disk: for the chance line)")
     a, extra = p.parse_known_args(argv)
     train = check_train_flags(p, extra)
+    if a.readme:
+        readme_parts(Path(a.readme))  # a README that cannot take the table: said before any run
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
@@ -234,7 +263,7 @@ def _main(argv) -> int:
         results = read_results(Path(a.from_json))
         seeds = sorted({r["seed"] for rows in results.values() for r in rows if "seed" in r}) or seeds
     else:
-        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.pretrained,
+        results = collect(a.methods.split(","), a.datasets.split(","), seeds, train.weights,
                           log=lambda m: print(m, flush=True), base=train)
     table = markdown(results, seeds, train.data_root)
     print(table)

@@ -9,12 +9,14 @@ import fastprompt as fp
 
 CLASSNAMES = ["dog", "cat", "sports_car", "golden retriever", "red apple"]
 ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm",
-               "clip_lora"]
+               "promptsrc", "kgcoop", "clip_lora"]
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_clip(seed: int = 0):
-    return fp.load_clip("tiny", seed=seed)
+    """The tiny backbone, random init from `seed` (asked for: plain `load_clip("tiny")` is the
+    shipped pretrained one)."""
+    return fp.load_clip("tiny", pretrained=None, seed=seed)
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:

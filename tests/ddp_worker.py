@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     for method in args.methods.split(","):
         torch.manual_seed(0)
-        model = fp.create(method, fp.load_clip("tiny"), NAMES)
+        model = fp.create(method, fp.load_clip("tiny", pretrained=None), NAMES)
         init = {f"init/{k}": p.detach().clone() for k, p in model.trainable_state().items()}
         losses, batches, objective = [], [], model.loss_and_logits
 

@@ -45,7 +45,11 @@ def openai_like(tmp_path_factory):
 
 @pytest.fixture
 def redirect_download(monkeypatch, openai_like):
-    """open_clip's download of a pretrained tag returns the local OpenAI-layout file."""
+    """open_clip's download of a pretrained tag returns the local OpenAI-layout file, which the
+    Hugging Face cache holds (so fastprompt's offline check finds the tag cached)."""
+    import huggingface_hub.constants  # a submodule: the package imports it lazily
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(openai_like["hub"]))
     monkeypatch.setattr(open_clip.factory, "download_pretrained",
                         lambda cfg, *a, **k: str(openai_like["file"]))
 
@@ -107,7 +111,7 @@ def test_plain_state_dict_gelu_unless_told(openai_like, tmp_path):
     marked = tmp_path / "openai_state.pt"  # a state dict that kept the release's extra entries
     torch.save({**openai_like["state"], "input_resolution": torch.tensor(224)}, marked)
     assert fp.load_clip("ViT-B-16", pretrained=str(marked)).quick_gelu
-    assert not fp.load_clip("ViT-B-16").quick_gelu  # random init: the config's GELU
+    assert not fp.load_clip("ViT-B-16", pretrained=None).quick_gelu  # random init: the config's GELU
     with pytest.raises(fp.clip.BackboneError, match="QuickGELU variant"):
         fp.load_clip("ViT-B-16-quickgelu", quick_gelu=False)
 
@@ -131,7 +135,7 @@ def test_saved_run_rebuilds_the_same_activation_and_weights(openai_like, redirec
 
 
 def test_relative_checkpoint_path_is_recorded_absolute(tmp_path, monkeypatch):
-    clip = fp.load_clip("tiny", seed=0)
+    clip = fp.load_clip("tiny", pretrained=None, seed=0)
     torch.save(clip.model.state_dict(), tmp_path / "w.pt")
     monkeypatch.chdir(tmp_path)
     model = fp.create("zeroshot", fp.load_clip("tiny", pretrained="w.pt"), NAMES)

@@ -90,7 +90,9 @@ def test_a_resumed_run_draws_the_same_masks(tmp_path, monkeypatch):
     run_epoch = training._run_epoch
 
     def killed_in_epoch_3(*args, **kwargs):
-        if args[6] == 2:
+        import inspect
+
+        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:
             raise KeyboardInterrupt
         return run_epoch(*args, **kwargs)
     monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)

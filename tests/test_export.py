@@ -243,9 +243,7 @@ def test_export_cli_bad_input(argv, needle, runs, tmp_path, capsys):
     argv = [a.format(**subs) for a in argv]
     rc = exit_code(export_cli.main, argv)
     err = capsys.readouterr().err
-    if needle == "MIN,OPT,MAX" and "TensorRT" in err:  # TensorRT/CUDA missing is reported first
-        needle = "TensorRT"
-    assert rc == 2 and needle in err and one_line(err), err
+    assert rc == 2 and needle in err and one_line(err), err  # --batch is read before TensorRT
 
 
 @pytest.mark.parametrize("case", ["missing-model", "unknown-format", "missing-image", "features"])
@@ -274,13 +272,16 @@ def test_parse_batch():
 
 
 def test_engine_from_another_gpu_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(fp_engine, "device_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3",
-                                                           "tensorrt_version": "10.9.0"})
-    fp_trt.check_compatible({"gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"}, "m.plan")
-    with pytest.raises(ExportError, match="built for GPU 'NVIDIA A100.*rebuild"):
-        fp_trt.check_compatible({"gpu": "NVIDIA A100-SXM4-40GB", "tensorrt_version": "10.9.0"}, "m.plan")
-    with pytest.raises(ExportError, match="TensorRT version '10.3.0'"):
-        fp_trt.check_compatible({"gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.3.0"}, "m.plan")
+    here = {"gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.16.1.11",
+            "compute_capability": "9.0"}
+    monkeypatch.setattr(fp_engine, "device_info", lambda index=None: dict(here))
+    fp_trt.check_compatible(dict(here), "m.plan")
+    for key, value, needle in (("gpu", "NVIDIA A100-SXM4-40GB", "built for GPU 'NVIDIA A100.*rebuild"),
+                               ("tensorrt_version", "10.13.0.35", "TensorRT version '10.13.0.35'"),
+                               ("compute_capability", "8.0", "compute capability '8.0'"),
+                               ("compute_capability", None, "compute capability None")):
+        with pytest.raises(ExportError, match=needle):
+            fp_trt.check_compatible({**here, key: value}, "m.plan")
 
 
 needs_tensorrt = pytest.mark.skipif(fp_engine.tensorrt_missing() is not None,
@@ -315,7 +316,9 @@ def test_tensorrt_engine(runs, exported, tmp_path):
 def test_tensorrt_cli(runs, tmp_path):
     rc = export_cli.main(["--run", str(runs["mma"]), "--format", "tensorrt", "--out",
                           str(tmp_path / "mma.plan"), "--batch", "1,2,4", "--fp32"])
-    assert rc == 0 and (tmp_path / "mma.onnx").is_file() and (tmp_path / "mma.plan.json").is_file()
+    assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "mma.onnx", "mma.plan", "mma.plan.json", "mma.timing.cache"]  # no temporary or rejected file
+    assert open_runner(tmp_path / "mma.plan").max_batch == 4
 
 
 @pytest.mark.skipif(fp_engine.tensorrt_missing() is None, reason="TensorRT and CUDA are present")

@@ -45,15 +45,15 @@ def data(tmp_path):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    (["--lr", "inf"], "--lr must be a finite number"),
-    (["--lr", "0"], "--lr must be a finite number > 0"),
-    (["--epochs", "-1"], "--epochs must be an integer >= 0"),
-    (["--shots", "0"], "--shots must be an integer >= 1"),
-    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
-    (["--seed", "-3"], "--seed must be an integer from 0 to 4294967295"),
-    (["--seed", str(2**40)], "--seed must be an integer from 0"),
-    (["--backbone-seed", "-1"], "--backbone-seed must be an integer"),
+    (["--lr", "nan"], "--lr (lr=) must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr (lr=) must be a finite number"),
+    (["--lr", "0"], "--lr (lr=) must be a finite number > 0"),
+    (["--epochs", "-1"], "--epochs (epochs=) must be an integer >= 0"),
+    (["--shots", "0"], "--shots (shots=) must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size (batch_size=) must be an integer >= 1"),
+    (["--seed", "-3"], "--seed (seed=) must be an integer from 0 to 4294967295"),
+    (["--seed", str(2**40)], "--seed (seed=) must be an integer from 0"),
+    (["--backbone-seed", "-1"], "--backbone-seed (backbone_seed=) must be an integer"),
     (["--resume", "--overwrite"], "give one"),
 ])
 def test_numbers_that_train_nonsense_are_refused(flags, needle, tmp_path, capsys):

@@ -59,13 +59,15 @@ def test_a_run_is_never_overwritten_unasked(tmp_path):
     run = tmp_path / "run"
     fp.save(fp.create("zeroshot", tiny_clip(), CLASSNAMES), run)  # config.json, no checkpoint
     before = (run / "config.json").read_bytes()
-    with pytest.raises(RunDirError, match="already holds a run: pass --resume"):
+    with pytest.raises(RunDirError, match=r"already holds a run: pass --resume \(resume=\)"):
         with open_run_dir(run):
             pass
     assert (run / "config.json").read_bytes() == before
     (run / "notes.txt").write_text("mine")
-    with open_run_dir(run, overwrite=True):
-        assert not (run / "config.json").exists() and (run / LOCK).exists()
+    with open_run_dir(run, overwrite=True) as work:  # the new run is built beside the old one
+        assert (run / "config.json").read_bytes() == before and (run / LOCK).exists()
+        assert work != run and not (work / "config.json").exists()
+    assert not (run / "config.json").exists()  # ... and replaced it (this one wrote nothing)
     assert (run / "notes.txt").read_text() == "mine" and not (run / LOCK).exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="is a file"):

@@ -14,7 +14,7 @@ KERNEL_METHODS = ["maple", "ivlp", "mma", "maple+lamm"]
 
 @functools.lru_cache(maxsize=None)
 def cuda_clip(name: str):
-    return fp.load_clip(name, seed=0, device="cuda")
+    return fp.load_clip(name, pretrained=None, seed=0, device="cuda")
 
 
 def _loss_and_grads(model, x, y, dtype):

@@ -9,12 +9,12 @@ from fastprompt.backbone import TowerHooks
 from common import CLASSNAMES, images, perturb, tiny_clip
 
 VIT_B16_COUNTS = {"coop": 2048, "cocoop": 35360, "maple": 3555072, "ivlp": 30720, "mma": 674560,
-                  "zeroshot": 0, "clip_lora": 184320}
+                  "zeroshot": 0, "promptsrc": 46080, "kgcoop": 2048, "clip_lora": 184320}
 
 
 @pytest.fixture(scope="module")
 def vit_b16():
-    return fp.load_clip("ViT-B-16", seed=0)
+    return fp.load_clip("ViT-B-16", pretrained=None, seed=0)
 
 
 def count(model):

@@ -27,13 +27,20 @@ PINNED = {
     "lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "coop+lamm": {"base2novel": (32, 0.002, 50, 1, {}), "cross": (32, 0.002, 50, 1, {})},
     "maple+lamm": {"base2novel": (4, 0.0035, 5, 1, {}), "cross": (4, 0.0035, 5, 1, {})},
+    # GPA's mean and std by protocol; few-shot on DTD: the yaml's second group (45 / 5)
+    "promptsrc": {"base2novel": (4, 0.0025, 20, 1, {"gpa_mean": 15.0, "gpa_std": 1.0}),
+                  "cross": (4, 0.0025, 20, 1, {"depth": 3, "gpa_mean": 6.0, "gpa_std": 10.0}),
+                  "fewshot": (4, 0.0025, 50, 1, {"gpa_mean": 45.0, "gpa_std": 5.0})},
+    "kgcoop": {"base2novel": (128, 0.002, 100, 1, {}), "cross": (128, 0.002, 100, 1, {})},
     # a step budget, not epochs (tests/test_clip_lora.py pins the rest of the recipe)
     "clip_lora": {"base2novel": (32, 0.0002, 0, 0, {}), "cross": (32, 0.0002, 0, 0, {}),
                   "fewshot": (32, 0.0002, 0, 0, {})},
 }
 for _pinned in PINNED.values():  # no released few-shot config of their own: the base2novel one
     _pinned.setdefault("fewshot", _pinned["base2novel"])
-ON_IMAGENET = {"coop": {"epochs": 50}, "mma": {"batch_size": 128}}
+ON_IMAGENET = {"coop": {"epochs": 50}, "mma": {"batch_size": 128},
+               # PromptSRC's few-shot GPA group of ImageNet, Caltech, Pets, Food, UCF, SUN
+               ("promptsrc", "fewshot"): {"options": {"gpa_mean": 30.0, "gpa_std": 30.0}}}
 
 
 def fields(r):
@@ -58,7 +65,7 @@ def test_cards_give_the_released_recipes(method):
         assert fields(r) == PINNED[method][protocol], (method, protocol)
         assert r.source, (method, protocol)
         imagenet = recipe_for(method, "imagenet", protocol)
-        want = dataclasses.replace(r, **ON_IMAGENET.get(method, {}))
+        want = dataclasses.replace(r, **ON_IMAGENET.get((method, protocol), ON_IMAGENET.get(method, {})))
         assert fields(imagenet) == fields(want), (method, protocol)
     assert card(method)["about"] == catalog.METHOD_SUMMARIES[method]
 

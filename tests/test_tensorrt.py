@@ -1,10 +1,13 @@
 """TensorRT export without TensorRT: everything that does not need an engine is a plain function,
-tested here (flag choice per TensorRT version against recorded enum names, the fp16 / fp32 graph
-the engine is built from, chunking / padding / alignment, the plan + sidecar pair). No module here
-pretends to be TensorRT; the engine tests at the end need TensorRT and a GPU and skip otherwise.
+tested here (flag choice per TensorRT version against recorded enum names, the extras, the fp16 /
+fp32 graph the engine is built from, chunking / padding / alignment, the plan + sidecar pair).
+What fastprompt does around TensorRT's calls (errors, engine files, devices, the check) is tested
+with a fake `tensorrt` module in tests/test_tensorrt_fake.py. The engine tests at the end need
+TensorRT and a GPU and skip otherwise: they are what only a GPU with TensorRT can confirm.
 """
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import tomllib
@@ -30,26 +33,21 @@ from fastprompt.export import tensorrt as fp_trt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 # Enum members of the TensorRT Python bindings (python/src/infer/pyCore.cpp of NVIDIA/TensorRT,
-# branches release/10.0, release/10.16, release/11.1; NetworkDefinitionCreationFlag values from
-# include/NvInfer.h). The tensorrt_cu13_bindings 11.4.0.106 wheel (what `pip install
-# "fastprompt[tensorrt]"` resolves to today) was checked too: its module holds TF32 and
-# STRONGLY_TYPED, and no FP16, OBEY_PRECISION_CONSTRAINTS or EXPLICIT_BATCH.
-_BUILDER_10_0 = ("FP16 BF16 INT8 DEBUG GPU_FALLBACK REFIT DISABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS "
-                 "SAFETY_SCOPE OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS DIRECT_IO "
-                 "VERSION_COMPATIBLE EXCLUDE_LEAN_RUNTIME FP8 ERROR_ON_TIMING_CACHE_MISS "
-                 "DISABLE_COMPILATION_CACHE WEIGHTLESS STRIP_PLAN REFIT_IDENTICAL WEIGHT_STREAMING")
+# branches release/10.12, release/10.16, release/11.1; NetworkDefinitionCreationFlag values from
+# include/NvInfer.h; 10.12 and 10.16 have the same members). The tensorrt_cu13_bindings 11.4.0.106
+# wheel (what `pip install "fastprompt[tensorrt]"` resolves to today) was checked too: its module
+# holds TF32 and STRONGLY_TYPED, and no FP16, OBEY_PRECISION_CONSTRAINTS or EXPLICIT_BATCH.
+_BUILDER_10 = ("FP16 BF16 INT8 DEBUG GPU_FALLBACK REFIT DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE "
+               "TF32 SPARSE_WEIGHTS SAFETY_SCOPE OBEY_PRECISION_CONSTRAINTS "
+               "PREFER_PRECISION_CONSTRAINTS DIRECT_IO VERSION_COMPATIBLE EXCLUDE_LEAN_RUNTIME FP8 "
+               "ERROR_ON_TIMING_CACHE_MISS DISABLE_COMPILATION_CACHE WEIGHTLESS STRIP_PLAN "
+               "REFIT_IDENTICAL WEIGHT_STREAMING INT4 REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY "
+               "FP4 DISTRIBUTIVE_INDEPENDENCE").split()
+_NETWORK_10 = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2,
+               "PREFER_AOT_PYTHON_PLUGINS": 3}
 RECORDED = {
-    "10.0.1": {
-        "BuilderFlag": _BUILDER_10_0.split(),
-        "NetworkDefinitionCreationFlag": {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1},
-    },
-    "10.16.1.11": {
-        "BuilderFlag": (_BUILDER_10_0 + " EDITABLE_TIMING_CACHE INT4 REFIT_INDIVIDUAL STRICT_NANS "
-                        "MONITOR_MEMORY FP4 DISTRIBUTIVE_INDEPENDENCE").split(),
-        "NetworkDefinitionCreationFlag": {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1,
-                                          "PREFER_JIT_PYTHON_PLUGINS": 2,
-                                          "PREFER_AOT_PYTHON_PLUGINS": 3},
-    },
+    "10.12.0.36": {"BuilderFlag": _BUILDER_10, "NetworkDefinitionCreationFlag": _NETWORK_10},
+    "10.16.1.11": {"BuilderFlag": _BUILDER_10, "NetworkDefinitionCreationFlag": _NETWORK_10},
     "11.1.0.106": {
         "BuilderFlag": ("DEBUG GPU_FALLBACK REFIT DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 "
                         "SPARSE_WEIGHTS SAFETY_SCOPE DIRECT_IO VERSION_COMPATIBLE "
@@ -76,20 +74,40 @@ def test_build_flags_exist_in_that_version(version):
     assert mask == (1 << 1 if version.startswith("10.") else 0)
 
 
-@pytest.mark.parametrize("version", ["9.3.0", "12.0.0.1", "", "trt"])
+@pytest.mark.parametrize("version", ["9.3.0", "10.0.1", "10.11.0.33", "10", "12.0.0.1", "", "trt"])
 def test_unsupported_tensorrt_versions_are_refused(version):
-    with pytest.raises(fp_trt.TensorRTUnavailable, match=r"10\.x or 11\.x"):
+    with pytest.raises(fp_trt.TensorRTUnavailable, match=r"10\.12 or later 10\.x, or 11\.x"):
         fp_trt.build_flags(version)
 
 
-def test_tensorrt_extra_installs_a_supported_version():
+# TensorRT versions, and whether fastprompt supports them (10.12+: NVIDIA's strong typing)
+VERSIONS = {"9.3.0": False, "10.0.1": False, "10.11.0.33": False, "10.12.0.36": True,
+            "10.13.0.35": True, "10.16.1.11": True, "11.1.0.106": True, "11.4.0.106": True,
+            "12.0.0": False}
+
+
+def test_tensorrt_extras_install_supported_versions_per_cuda():
+    """One extra per CUDA major (NVIDIA's wheels tensorrt-cu11/12/13, names checked on PyPI) plus
+    NVIDIA's metapackage; each allows exactly the versions `tensorrt_major` accepts."""
     from packaging.requirements import Requirement
 
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    (req,) = [r for r in map(Requirement, extra["tensorrt"]) if r.name == "tensorrt"]
-    for version in ("10.0.1", "10.16.1.11", "11.1.0.106", "11.4.0.106", "12.0.0", "9.3.0"):
-        assert req.specifier.contains(version) == (int(version.split(".")[0]) in
-                                                   fp_trt.SUPPORTED_MAJORS), version
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = {"tensorrt": "tensorrt", **{f"tensorrt-cu{m}": f"tensorrt-cu{m}"
+                                         for m in fp_engine.CUDA_EXTRAS}}
+    assert {k for k in extras if k.startswith("tensorrt")} == set(wanted)
+    for extra, package in wanted.items():
+        reqs = list(map(Requirement, extras[extra]))
+        assert "fastprompt[export]" in extras[extra]
+        (req,) = [r for r in reqs if r.name.startswith("tensorrt")]
+        assert req.name == package, extra
+        for version, ok in VERSIONS.items():
+            assert req.specifier.contains(version) == ok, (extra, version)
+    for version, ok in VERSIONS.items():
+        try:
+            fp_engine.tensorrt_major(version)
+            assert ok, version
+        except fp_engine.TensorRTUnavailable:
+            assert not ok, version
 
 
 # --------------------------------------------------------------------- the graph's precision
@@ -342,7 +360,8 @@ def test_export_cli_refuses_unopenable_out(fmt, name, tmp_path, capsys):
 
 
 def test_predict_runner_failure_is_one_line(graphs, tmp_path, capsys):
-    """An ONNX file whose metadata promises 16 px images to a 32 px graph fails in onnxruntime."""
+    """An ONNX file whose metadata promises 16 px images to a 32 px graph: refused on opening,
+    as a bad file (exit 2; it failed inside onnxruntime, exit 1, before the graph was checked)."""
     from PIL import Image
 
     bad = onnx.ModelProto.FromString(graphs["maple"].SerializeToString())
@@ -351,7 +370,7 @@ def test_predict_runner_failure_is_one_line(graphs, tmp_path, capsys):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
     rc = predict_cli.main(["--model", str(tmp_path / "bad.onnx"), str(tmp_path / "a.png")])
     err = capsys.readouterr().err
-    assert rc == 1 and len(err.strip().splitlines()) == 1 and "onnxruntime failed" in err, err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "[B, 3, 16, 16] as its metadata" in err, err
     assert "Traceback" not in err
 
 
@@ -360,23 +379,109 @@ needs_tensorrt = pytest.mark.skipif(fp_engine.tensorrt_missing() is not None,
                                     reason=f"TensorRT engine tests: {fp_engine.tensorrt_missing()}")
 
 
+@pytest.fixture
+def copies(monkeypatch):
+    """Whether each chunk `run_in_chunks` handed the engine was a copy (True) or x itself."""
+    seen, real = [], runners.engine_input
+
+    def spy(x, start, stop, rows):
+        out = real(x, start, stop, rows)
+        seen.append(out.data_ptr() != x[start:stop].data_ptr())
+        return out
+
+    monkeypatch.setattr(runners, "engine_input", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def maple_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = perturb(fp.create("maple", tiny_clip(), CLASSNAMES), seed=0)
+    return export_onnx(model, tmp_path_factory.mktemp("gpu") / "m.onnx", log=lambda *_: None)
+
+
+def _reference(res, x):
+    with torch.no_grad(), fp_trt.fp32_reference():
+        return copy.deepcopy(res.module).to(x.device)(x)
+
+
 @pytest.mark.gpu
 @needs_tensorrt
 @pytest.mark.parametrize("fp16", [True, False])
-def test_engine_pads_chunks_and_matches_torch(fp16, tmp_path):
-    torch.manual_seed(0)
-    model = perturb(fp.create("maple", tiny_clip(), CLASSNAMES), seed=0)
-    res = export_onnx(model, tmp_path / "m.onnx", log=lambda *_: None)
+def test_engine_pads_chunks_and_matches_torch(fp16, maple_onnx, tmp_path, copies):
     plan = tmp_path / "m.plan"
-    meta = fp_trt.build_engine(res.path, plan, (2, 4, 8), fp16=fp16, log=lambda *_: None)
+    meta = fp_trt.build_engine(maple_onnx.path, plan, (2, 4, 8), fp16=fp16, log=lambda *_: None)
     assert meta["precision"] == ("fp16" if fp16 else "fp32") and meta["tf32"] is False
     runner = runners.open_runner(plan)
-    x = torch.randn(10, 3, 32, 32, device="cuda")[1:]  # 9 images from an offset view: 8 + 1 -> 2
-    with torch.no_grad():
-        ref = res.module.cuda()(x)
-    got = runner.run(x)
+    # 9 images from a view 4 bytes into its storage: not 256-byte aligned, so each chunk is copied;
+    # 8 + 1 -> the last chunk padded to 2
+    x = torch.randn(9 * 3 * 32 * 32 + 1, device="cuda")[1:].view(9, 3, 32, 32)
+    assert x.data_ptr() % runners.ALIGNMENT != 0
+    ref, got = _reference(maple_onnx, x), runner.run(x)
+    assert copies == [True, True]  # the misaligned path was taken (and the padded one)
     tol = fp_trt.FP16_MAX_REL_ERR if fp16 else fp_trt.FP32_MAX_REL_ERR
     assert got.shape == ref.shape and ((got - ref).abs().max() / ref.abs().max()).item() < tol
+    copies.clear()
+    aligned = runners.aligned_empty((8, 3, 32, 32), torch.float32, "cuda").copy_(x[:8])
+    runner.run(aligned)
+    assert copies == [False]  # an aligned full chunk goes to the engine as is
     plan.write_bytes(plan.read_bytes() + b"\0")
     with pytest.raises(ExportError, match="not the engine its sidecar"):
         runners.open_runner(plan)
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_engine_follows_a_non_default_caller_stream(maple_onnx, tmp_path):
+    """Images written on the caller's own stream after a delay: the engine must wait for them,
+    and the caller's next work on that stream must see the engine's output."""
+    plan = tmp_path / "m.plan"
+    fp_trt.build_engine(maple_onnx.path, plan, (1, 4, 8), fp16=False, log=lambda *_: None)
+    runner = runners.open_runner(plan)
+    images = torch.randn(6, 3, 32, 32, device="cuda")
+    ref = _reference(maple_onnx, images)
+    x = torch.zeros_like(images)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time queued before the images exist
+        x.copy_(images)
+        out = runner.run(x) * 1.0       # queued on the caller's stream after the engine
+    stream.synchronize()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < fp_trt.FP32_MAX_REL_ERR
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_runner_runs_on_its_own_device(maple_onnx, tmp_path):
+    plan = tmp_path / "m.plan"
+    with torch.cuda.device(1):
+        fp_trt.build_engine(maple_onnx.path, plan, (1, 4, 8), fp16=False, log=lambda *_: None)
+    with torch.cuda.device(0):
+        runner = runners.TensorRTRunner(plan, "cuda:1")
+        x = torch.randn(3, 3, 32, 32, device="cuda:0")
+        got = runner.run(x)  # device 0 current, images on device 0: the engine runs on device 1
+    assert runner.device_index == 1 and got.device == x.device
+    ref = _reference(maple_onnx, x)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < fp_trt.FP32_MAX_REL_ERR
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_fp32_check_passes_with_the_callers_tf32_on(maple_onnx, tmp_path):
+    """The caller allows TF32: the engine (TF32 off) is still compared with an fp32 reference,
+    and the caller's settings are as they were after the check."""
+    plan = tmp_path / "m.plan"
+    fp_trt.build_engine(maple_onnx.path, plan, (2, 4, 8), fp16=False, log=lambda *_: None)
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        _, rel, _ = fp_trt.check_engine(plan, maple_onnx.module, 32, (2, 4, 8), fp16=False,
+                                        log=lambda *_: None)
+        assert (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    assert rel <= fp_trt.FP32_MAX_REL_ERR
+    assert next(maple_onnx.module.parameters()).device.type == "cpu"  # not moved in place

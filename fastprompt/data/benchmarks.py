@@ -22,12 +22,13 @@ never written: CoOp's ``split_fewshot/`` caches and ImageNet's ``preprocessed.pk
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import defaultdict
 from typing import NamedTuple
 
+from ..errors import first_line, setting
+from ..readers import ascii_int, loads
 from .folder import class_dirs, read_class_tree
 from .protocol import DataError, DatasetSplits, Datum
 
@@ -82,18 +83,19 @@ SPECS = {
 # ---------------------------------------------------------------- paths and checks
 
 def _fix(spec: Spec) -> str:
-    return f"set up {spec.coop_name} as in CoOp's DATASETS.md ({COOP_DOC}) or use --dataset folder"
+    return (f"set up {spec.coop_name} as in CoOp's DATASETS.md ({COOP_DOC}) or use "
+            f"{setting('--dataset', 'folder')}")
 
 
 def _dirs(root, spec: Spec) -> tuple[str, str]:
     """(dataset_dir, image_dir), each checked to exist."""
     if not root:
-        raise DataError(f"dataset {spec.coop_name} needs a data root — pass --data-root DIR (the "
-                        f"folder that holds {spec.dataset_dir}/)")
+        raise DataError(f"dataset {spec.coop_name} needs a data root — pass "
+                        f"{setting('--data-root', 'DIR')} (the folder that holds {spec.dataset_dir}/)")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
-        raise DataError(f"data root not found: {root} — pass --data-root DIR (the folder that "
-                        f"holds {spec.dataset_dir}/)")
+        raise DataError(f"data root not found: {root} — pass {setting('--data-root', 'DIR')} (the "
+                        f"folder that holds {spec.dataset_dir}/)")
     dataset_dir = os.path.join(root, spec.dataset_dir)
     if not os.path.isdir(dataset_dir):
         raise DataError(f"dataset folder not found: {dataset_dir} — {_fix(spec)}")
@@ -159,13 +161,14 @@ def _load_split_json(name: str, spec: Spec, root) -> DatasetSplits:
     path = os.path.join(dataset_dir, spec.split_file)
     if not os.path.isfile(path):
         raise DataError(f"split file not found: {path} — download {spec.split_file} from the link "
-                        f"in CoOp's DATASETS.md ({COOP_DOC}) into {dataset_dir}, or use --dataset folder")
+                        f"in CoOp's DATASETS.md ({COOP_DOC}) into {dataset_dir}, or use "
+                        f"{setting('--dataset', 'folder')}")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read split file {path}: {err} — re-download "
-                        f"{spec.split_file} ({COOP_DOC})") from err
+        with open(path, "rb") as f:
+            raw = loads(f.read())
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON, nested too deeply
+        raise DataError(f"cannot read split file {path}: {first_line(err)} — re-download "
+                        f"{spec.split_file} ({COOP_DOC})") from None
     splits: dict[str, list[Datum]] = {}
     for split in ("train", "val", "test"):
         entries = raw.get(split) if isinstance(raw, dict) else None
@@ -174,11 +177,11 @@ def _load_split_json(name: str, spec: Spec, root) -> DatasetSplits:
                             f'{{"train": [[path, label, classname], ...], "val": ..., "test": ...}}')
         items = []
         for i, e in enumerate(entries):
-            if not (isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], str)
-                    and isinstance(e[2], str) and str(e[1]).lstrip("-").isdigit()):
+            label = ascii_int(e[1]) if isinstance(e, (list, tuple)) and len(e) == 3 else None
+            if label is None or not (isinstance(e[0], str) and isinstance(e[2], str)):
                 raise DataError(f"split file {path}: entry {i} of '{split}' is {str(e)[:80]} — "
                                 f"expected [relative_image_path, label, classname]")
-            items.append(Datum(os.path.join(image_dir, e[0]), int(e[1]), e[2]))
+            items.append(Datum(os.path.join(image_dir, e[0]), label, e[2]))
         splits[split] = items
     everything = splits["train"] + splits["val"] + splits["test"]
     classnames = _classnames(everything, path, spec.renames)
@@ -250,8 +253,9 @@ def _load_imagenet_family(name: str, spec: Spec, root) -> DatasetSplits:
     folders = class_dirs(trees[0])  # ImageNet: the train wnids define the labels
     if name == "imagenetv2":  # folders "0".."999" index classnames.txt
         classnames = list(wnid_names.values())
-        bad = [f for f in folders if not (f.isdigit() and int(f) < len(classnames))]
-        label_of = {f: int(f) for f in folders if f not in bad}
+        label_of = {f: y for f in folders
+                    if (y := ascii_int(f)) is not None and 0 <= y < len(classnames)}
+        bad = [f for f in folders if f not in label_of]
     else:
         bad = [f for f in folders if f not in wnid_names]
         classnames = [wnid_names[f] for f in folders if f not in bad]

@@ -105,7 +105,11 @@ def _bound(img, image_size: int | None):
     if image_size:
         factor = min(w, h) // (KEEP_SIDES * image_size)
         if min(w, h) >= REDUCE_FROM * image_size and factor >= 2:
-            img = img.reduce(factor) if img.mode not in ("P", "PA", "1") else img.convert("RGBA").reduce(factor)
+            if img.mode in ("P", "PA", "1"):
+                img = img.convert("RGBA")
+            elif img.mode.startswith("I;16"):  # Image.reduce has no 16-bit modes; "I" is lossless
+                img = img.convert("I")
+            img = img.reduce(factor)
     return img
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 
+from ..errors import setting
 from .images import IMAGE_EXTENSIONS
 from .protocol import DataError, DatasetSplits, Datum
 
@@ -82,12 +83,12 @@ def _split_counts(n: int) -> tuple[int, int]:
 def load_folder(root: str, seed: int = 0, name: str = "folder") -> DatasetSplits:
     """Load a class-per-sub-folder tree (see the module docstring for the layouts and split)."""
     if not root:
-        raise DataError("the folder dataset needs a root — pass --data-root DIR (one sub-folder of "
-                        "images per class)")
+        raise DataError(f"the folder dataset needs a root — pass {setting('--data-root', 'DIR')} "
+                        f"(one sub-folder of images per class)")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
-        raise DataError(f"image folder not found: {root} — pass --data-root pointing at a folder "
-                        f"with one sub-folder of images per class")
+        raise DataError(f"image folder not found: {root} — pass {setting('--data-root', 'DIR')} "
+                        f"pointing at a folder with one sub-folder of images per class")
     train_tree = os.path.join(root, "train")
     if os.path.isdir(train_tree):
         return _load_subtrees(root, name)

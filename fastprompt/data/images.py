@@ -13,6 +13,8 @@ from ..clip import OPENAI_STD as CLIP_STD    # the names stay importable from he
 from .protocol import DataError, Datum
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+#: what to do about an unreadable image with on_error="raise" (not said where it is skipped)
+_UNREADABLE_FIX = " — replace or delete the file, or load with on_error='skip'"
 
 
 def train_transform(image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
@@ -59,8 +61,7 @@ def load_image(datum: Datum, image_size: int | None = None):
     try:
         return open_rgb(datum.impath, image_size)
     except ImageReadError as err:
-        raise DataError(f"cannot read image {datum.impath}: {err} — replace or delete the "
-                        f"file, or load with on_error='skip'") from None
+        raise DataError(f"cannot read image {datum.impath}: {err}{_UNREADABLE_FIX}") from None
 
 
 def collate_readable(batch):
@@ -76,13 +77,13 @@ class ImageDataset(Dataset):
     """A map-style torch dataset yielding ``(transform(image), label)``.
 
     ``on_error="raise"``: an unreadable image raises :class:`DataError` naming its path.
-    ``on_error="skip"``: the image is marked unreadable, a warning is issued once (per process),
-    and then
+    ``on_error="skip"``: the image is marked unreadable, and then
       - ``replace=True`` (training): the item is replaced by the next readable image of the same
-        class, so batches keep their size and the class balance stays; a class none of whose
-        images can be read is a DataError;
+        class, so batches keep their size and the class balance stays, with a warning once (per
+        process); a class none of whose images can be read is a DataError;
       - ``replace=False`` (evaluation): the item is None, which ``collate_readable`` leaves out, so
-        accuracy is computed over the images actually read.
+        accuracy is computed over the images actually read (the caller counts them:
+        ``fastprompt.scoring.score`` warns once with the number).
     ``skipped`` lists the unreadable images found so far. ``image_size`` lets huge files decode
     at reduced size (see ``decode.py``).
 
@@ -136,11 +137,11 @@ class ImageDataset(Dataset):
                 image = load_image(datum, self.image_size)
             except DataError as err:
                 self._bad[i] = True
-                if not self._warned:
+                if self.replace and not self._warned:
                     self._warned = True
-                    warnings.warn(f"skipping unreadable images (first: {err}); "
-                                  f"see ImageDataset.skipped for all of them", RuntimeWarning,
-                                  stacklevel=2)
+                    warnings.warn(f"skipping unreadable images, each replaced by another image of "
+                                  f"its class (first: {str(err).removesuffix(_UNREADABLE_FIX)}; "
+                                  f"ImageDataset.skipped lists them)", RuntimeWarning, stacklevel=2)
                 continue
             return self.transform(image), datum.label
         if not self.replace:

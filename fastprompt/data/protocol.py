@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DataError  # the project's error hierarchy: fastprompt.errors
+from ..errors import DataError, setting  # the project's error hierarchy: fastprompt.errors
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def _sample_per_label(rng: random.Random, items: list[Datum], k: int) -> list[Da
     return out
 
 
-def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> DatasetSplits:
+def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1,
+             strict: bool = True) -> DatasetSplits:
     """K images per class for train, ``min(K, 4)`` per class for val; test is left untouched.
 
     The draw is Dassl's (dassl/data/datasets/base_dataset.py, called by CoOp's datasets/*.py after
@@ -83,18 +84,19 @@ def few_shot(d: DatasetSplits, shots: int | None = 16, seed: int = 1) -> Dataset
     A class with fewer than K training images is an error here (Dassl would silently keep the
     fewer images); a class with fewer than ``min(K, 4)`` validation images keeps all it has, as in
     Dassl. A dataset without training images (the test-only ImageNet variants) is returned as it is.
+    `strict=False` (a run that trains nothing, e.g. zero-shot CLIP) lets a class keep fewer.
     """
     if shots is None or shots < 1 or not d.train:
         return d
     train_groups = _by_label(d.train)
     short = [(len(train_groups.get(y, [])), y) for y in range(d.num_classes)
              if len(train_groups.get(y, [])) < shots]
-    if short:
+    if short and strict:
         have, y = min(short)
         raise DataError(
-            f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but --shots {shots} "
-            f"needs {shots} ({len(short)} of {d.num_classes} classes are short) — lower --shots "
-            f"to at most {have} or add images to that class")
+            f"{d.name}: class {d.classnames[y]!r} has {have} training image(s) but {shots} shots "
+            f"need {shots} ({len(short)} of {d.num_classes} classes are short) — lower "
+            f"{setting('--shots')} to at most {have} or add images to that class")
     rng = random.Random(seed)
     train = _sample_per_label(rng, d.train, shots)
     val = d.val if d.val_is_test else _sample_per_label(rng, d.val, min(shots, 4))
@@ -116,7 +118,7 @@ def split_base_novel(d: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]:
     n = d.num_classes
     if n < 2:
         raise DataError(f"{d.name}: base-to-novel needs at least 2 classes, got {n} — "
-                        f"use --subsample all")
+                        f"use {setting('--subsample', 'all')}")
     m = math.ceil(n / 2)
     halves = []
     for labels in (range(0, m), range(m, n)):

@@ -182,6 +182,26 @@ class Method(nn.Module):
         """The factor of the cosine logits: CLIP's exp(logit_scale) (CLIP-LoRA: the integer 100)."""
         return self.backbone.logit_scale()
 
+    def frozen_text_features(self, templates, classnames: list[str] | None = None) -> torch.Tensor:
+        """The mean over `templates` of the un-normalised text features [C, E] of the frozen CLIP
+        (no prompt, no hook) for `classnames` (default: the training classes). What PromptSRC's
+        (60 templates) and KgCoOp's (the dataset's one) teachers are; their code computes them
+        once, when the model is built, in fp32. So here: once per templates, classes and device
+        (kept whatever `runtime.cache` says), without a graph and without autocast."""
+        names = tuple(self.classnames if classnames is None else classnames)
+        dev = self.backbone.model.logit_scale.device
+        key = ("frozen_text", tuple(templates), names, str(dev))
+        if key not in self._cache:
+            parts = []
+            with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+                for i in range(0, len(names), 256):  # bounded memory for 1000+ classes
+                    chunk = [PromptTemplate(self.backbone, list(names[i:i + 256]), fmt=f) for f in templates]
+                    feats = [self.backbone.encode_text(t.embeddings, t.eot, NO_HOOKS, self.opts,
+                                                       used=t.used_tokens) for t in chunk]
+                    parts.append(torch.stack(feats, dim=1).mean(dim=1))  # [c, K, E] -> [c, E]
+            self._cache[key] = torch.cat(parts)
+        return self._cache[key]
+
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale() * image_features @ text_features.t()
 
@@ -195,6 +215,12 @@ class Method(nn.Module):
     def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self(images)
         return F.cross_entropy(logits, labels), logits
+
+    @classmethod
+    def dataset_options(cls, dataset: str) -> dict:
+        """Options that follow the run's dataset (canonical name): `fastprompt.fit` sets them
+        unless the run gives them (KgCoOp's hand-written teacher prompt); most methods: none."""
+        return {}
 
     # ----------------------------------------------------------------- training hooks
     # (fastprompt.training.train calls them; a method that needs none keeps these no-ops)
@@ -236,6 +262,11 @@ class Method(nn.Module):
         for i in range(0, len(names), chunk):  # bounded memory for 1000+ classes
             feats.append(self.text_features(self.template_for(names[i:i + chunk])))
         return Classifier(self, torch.cat(feats), names)
+
+    def predict(self, images, topk: int = 5, batch_size: int = 32, on_error: str = "raise"):
+        """[(class name, probability), ...] of each image file or PIL image, preprocessed as
+        evaluation does (`Classifier.predict`); keep `clf = model.classifier()` to call often."""
+        return self.classifier().predict(images, topk=topk, batch_size=batch_size, on_error=on_error)
 
     def template_for(self, classnames: list[str]) -> PromptTemplate:
         if classnames == self.classnames:

@@ -139,7 +139,7 @@ class IVLPConfig(MaPLeConfig):
     depth: int = 12
 
 
-def _ivlp_names(model) -> dict[str, str]:
+def ivlp_names(model) -> dict[str, str]:
     out = {**context_names(model), "image_encoder.VPT": "vision.0"}
     for i in range(1, len(model.vision)):
         out[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = f"vision.{i}"
@@ -147,7 +147,7 @@ def _ivlp_names(model) -> dict[str, str]:
     return out
 
 
-def _ivlp_options(layout, sd, cfg, n_classes, notes) -> dict:
+def ivlp_options(layout, sd, cfg, n_classes, notes) -> dict:
     n_ctx = original_context(sd, layout, csc=False).shape[-2]
     if "image_encoder.VPT" not in sd:
         raise err("checkpoint lacks key 'image_encoder.VPT': IVLP without vision prompts "
@@ -164,7 +164,8 @@ def _ivlp_options(layout, sd, cfg, n_classes, notes) -> dict:
     given(cfg, "N_CTX_VISION", n_vis, "image_encoder.VPT")
     if n_vis != n_ctx or len(deep["text"]) != len(deep["image"]):
         raise err(f"checkpoint has {n_ctx} text / {n_vis} vision prompts over {len(deep['text']) + 1} / "
-                  f"{len(deep['image']) + 1} layers: fastprompt's ivlp needs the same in both towers")
+                  f"{len(deep['image']) + 1} layers: {layout.family} in fastprompt needs the same in "
+                  f"both towers")
     return {"depth": len(deep["text"]) + 1, "n_ctx": n_ctx, "ctx_init": context_init(cfg, n_ctx)}
 
 
@@ -172,7 +173,7 @@ def _ivlp_options(layout, sd, cfg, n_classes, notes) -> dict:
 class IVLP(DeepPrompts):
     Config = IVLPConfig
     original_layout = Layout(
-        "IVLP", ("IVLP",), "VLPromptLearner", "", "IVLP", _ivlp_names, _ivlp_options,
+        "IVLP", ("IVLP",), "VLPromptLearner", "", "IVLP", ivlp_names, ivlp_options,
         known=frozenset({"N_CTX_VISION", "N_CTX_TEXT", "CTX_INIT", "PROMPT_DEPTH_VISION",
                          "PROMPT_DEPTH_TEXT"}),
         kind="ivlp", detect=lambda keys: first_key(keys, r"(^|\.)VPT"), precedence=20,

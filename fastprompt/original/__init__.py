@@ -1,5 +1,5 @@
-"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, CLIP-LoRA) in and out
-of fastprompt.
+"""Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, PromptSRC, KgCoOp,
+CLIP-LoRA) in and out of fastprompt.
 
     model = load_original("maple", "output/base2new/.../seed1", clip, classnames)
     sd = original_state_dict(model)   # {"prompt_learner.ctx": model.ctx, ...} (live tensors)
@@ -110,6 +110,9 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
         raise OriginalCheckpointError(f"{file} holds no 'state_dict': not a checkpoint of the original trainers")
     sd = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise OriginalCheckpointError(f"{file}: state-dict key {short_repr(key)} is not a "
+                                          f"string: not a checkpoint of the original trainers")
         if not isinstance(value, torch.Tensor):
             raise OriginalCheckpointError(f"checkpoint key {short_repr(key)} is not a tensor "
                                           f"({short_repr(value)})")
@@ -121,9 +124,10 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
 def load_original(method: str, path, clip, classnames, config=None):
     """A fastprompt model computing what the original code computes with these tensors.
 
-    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp or mma (fastprompt names;
-    a MaPLe+LAMM checkpoint of the released code is imported with its label layout,
-    `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's `shots`).
+    method: coop, cocoop, lamm, coop+lamm, maple, maple+lamm, ivlp, mma, promptsrc or kgcoop
+    (fastprompt names; a MaPLe+LAMM checkpoint of the released code is imported with its label
+    layout, `label_layout="of"`, and every LAMM checkpoint with the weight 1/shots of its config's
+    `shots`).
     path: a checkpoint file or an original output directory (newest epoch is taken).
     config: original config names ({"N_CTX": 2}, {"TRAINER.MAPLE.N_CTX": 2}, nested) or a YAML path.
     """
@@ -232,8 +236,9 @@ def save_original(model, output_dir, epoch: int = 1) -> Path:
     (the original `load_model` reads it with strict=False, as it does its own files); a method
     with a file of its own (CLIP-LoRA): `<output_dir>/<its file name>` as its code writes it."""
     layout = _layout(model.name)
+    tensors = {**original_state_dict(model), **(layout.markers(model) if layout.markers else {})}
     state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
-                        for k, v in original_state_dict(model).items())
+                        for k, v in tensors.items())
     if layout.file_format:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         path = Path(output_dir) / layout.file_format.filename

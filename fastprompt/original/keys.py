@@ -55,7 +55,9 @@ class Layout:
     #: warnings to notes, raises OriginalCheckpointError (`err`) on a mismatch
     options: Callable
     known: frozenset = frozenset()  # config names read in TRAINER.<section>
-    flags: frozenset = frozenset()  # top-level config names read (LAMM's command-line flags)
+    #: other config names read, in full (LAMM's top-level command-line flags; KgCoOp's
+    #: DATASET.NAME, which picks its teacher prompt)
+    flags: frozenset = frozenset()
     #: what `detect` calls a checkpoint of this layout (methods sharing a format share a kind)
     kind: str = ""
     #: sorted file keys -> the key that tells this kind, or None; None: another layout of the
@@ -66,6 +68,10 @@ class Layout:
     ignored_prefixes: tuple = ()
     #: parameters the method keeps frozen at their initial value: the file must hold exactly it
     frozen: frozenset = field(default_factory=frozenset)
+    #: model -> {full original name: tensor}: frozen tensors the original file also holds that tell
+    #: it from a related format (PromptSRC's prompt-free image tower, KgCoOp's unused
+    #: `bias_vectors`); `save_original` writes them, the importer skips them (`ignored...`)
+    markers: Callable | None = None
     #: a file format of its own (FileFormat); None: Dassl's checkpoint
     file_format: FileFormat | None = None
 
@@ -115,7 +121,7 @@ def detect(layouts, keys) -> tuple[str, str] | None:
 
 def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[dict, list[str]]:
     """The original config (mapping, nested or dotted, or a YAML path) as {NAME: value} for
-    this layout's section (plus its top-level flags), and the names ignored as unknown.
+    this layout's section (plus its `flags`, by full name), and the names ignored as unknown.
 
     Unknown names are ignored with a warning (the caller's), not refused: original configs
     carry many names that do not concern the tensors. Sections that cannot matter (DATALOADER,
@@ -124,12 +130,20 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
     if config is None:
         return {}, []
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
-        import yaml
         from pathlib import Path
+
+        from ..readers import load_yaml
         path = Path(config)
         if not path.is_file():
             raise err(f"original config file not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise err(f"original config {path} is not UTF-8 text: give the trainer's YAML") from None
+        try:
+            config = load_yaml(text) or {}
+        except ValueError as e:  # not YAML, or aliases (which could expand without end)
+            raise err(f"original config {path} is {e}") from None
     if not isinstance(config, dict):
         raise err(f"config must be a mapping or a YAML path, got {type(config).__name__}")
     flat: dict = {}
@@ -149,7 +163,9 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
         if key == "MODEL.BACKBONE.NAME" and clip_name and str(value).replace("/", "-") != clip_name:
             unknown.append(f"{key}={value} (the backbone given is {clip_name})")
         ours = len(parts) == 1 or parts[:2] == ["TRAINER", layout.section] and len(parts) == 3
-        if ours and (parts[-1] in known or key in layout.flags):
+        if key in layout.flags:
+            out[key] = value
+        elif ours and parts[-1] in known:
             out[parts[-1]] = value
         elif parts[0] not in SILENT and key not in SILENT:
             unknown.append(key)

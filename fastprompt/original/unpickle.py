@@ -13,8 +13,9 @@ pickle and tensor bounds of `pickles.py`:
 
 * zip archives: member count, every member's declared size against the archive's size, stored
   (uncompressed, as torch writes) members' declared vs. actual size, a compression-ratio cap for
-  compressed members (zip bombs), and each storage's byte size against the element count its
-  persistent id declares;
+  compressed members (zip bombs), the records read together against the archive's size (records
+  whose bytes overlap would read the file many times over), and each storage's byte size against
+  the element count its persistent id declares;
 * legacy files: the storages' declared sizes must fit in the file before anything is allocated.
 """
 from __future__ import annotations
@@ -68,6 +69,18 @@ def _read(zf: zipfile.ZipFile, info, path: Path) -> bytes:
 
 def _load_zip(path: Path):
     size = os.path.getsize(path)
+    spent = [0]  # bytes of the file taken by the records read so far
+
+    def member(name):
+        """`_member`, and the records read together must fit in the file once: records whose
+        bytes overlap (one record's data holding the next one, ...) would read it many times."""
+        info = _member(zf, name, path, size)
+        spent[0] += info.compress_size
+        if spent[0] > size:
+            raise UnpickleError(f"{path}: its records take {spent[0]} bytes of a {size}-byte file: "
+                                f"they overlap (a zip bomb); refused")
+        return info
+
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if len(names) > MAX_MEMBERS:
@@ -77,7 +90,7 @@ def _load_zip(path: Path):
             raise UnpickleError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
         prefix = pkl[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names:
-            order = _read(zf, _member(zf, f"{prefix}byteorder", path, size), path)
+            order = _read(zf, member(f"{prefix}byteorder"), path)
             if order.strip() != b"little":
                 raise UnpickleError(f"{path} was written on a big-endian machine: not supported")
         cache: dict = {}
@@ -88,7 +101,7 @@ def _load_zip(path: Path):
             _, storage_type, key, _location, numel, *_ = pid
             dtype = storage_dtype(storage_type)
             if key not in cache:
-                info = _member(zf, f"{prefix}data/{key}", path, size)
+                info = member(f"{prefix}data/{key}")
                 item = torch.empty((), dtype=dtype).element_size()
                 if not isinstance(numel, int) or info.file_size != numel * item:
                     raise UnpickleError(f"{path}: storage {short_repr(key)} declares {short_repr(numel)} "
@@ -97,7 +110,7 @@ def _load_zip(path: Path):
             byte = cache[key].flat
             return Storage(byte.view(dtype) if byte.numel() else torch.empty(0, dtype=dtype), dtype)
 
-        info = _member(zf, pkl[0], path, size)
+        info = member(pkl[0])
         if info.file_size > MAX_PICKLE_BYTES:
             raise UnpickleError(f"{path}: data.pkl declares {info.file_size} bytes, over the "
                                 f"{MAX_PICKLE_BYTES} a checkpoint's structure needs")

@@ -26,6 +26,12 @@ LAMM = f"{REF}::test_lamm_loss_terms_match_reference"
 MMA = f"{REF}::test_mma_matches_reference"
 DETAILS = "tests/test_method_details.py"
 TRAIN = "tests/test_train.py"
+PSRC = "fastprompt/methods/promptsrc.py"
+SRC_SUM = 'return terms["ce"] + (terms["kl"] + terms["text_l1"] + terms["image_l1"]), logits'
+PSRC_REF_FILE, PSRC_GOLD_FILE = "tests/test_references_promptsrc.py", "tests/test_golden_promptsrc.py"
+PSRC_REF = f"{PSRC_REF_FILE}::test_promptsrc_loss_and_gradients_match_reference"
+PSRC_GOLD = f"{PSRC_GOLD_FILE}::test_golden_loss_each_term_and_every_gradient"
+GPA, ORIG_SRC = "tests/test_gpa.py", "tests/test_original_src.py"
 
 
 LORA_REF = "tests/test_references_clip_lora.py"
@@ -127,6 +133,65 @@ MUTATIONS = [
     Mutation("lamm-unseen-classes-get-learned-rows", "fastprompt/methods/lamm.py",
              "torch.where(known[:, None, None], learned, own)", "torch.where(known[:, None, None], own, learned)",
              (f"{DETAILS}::test_lamm_label_rows_and_unseen_classes",), "learned and original rows swapped"),
+    # ---------------------------------------------------------------- PromptSRC, GPA, KgCoOp
+    Mutation("promptsrc-kl-sign", PSRC, SRC_SUM, SRC_SUM.replace('(terms["kl"]', '(-terms["kl"]'),
+             (PSRC_REF, PSRC_GOLD), "the KL term subtracted"),
+    Mutation("promptsrc-text-l1-sign", PSRC, SRC_SUM,
+             SRC_SUM.replace('+ terms["text_l1"]', '- terms["text_l1"]'),
+             (PSRC_REF, PSRC_GOLD), "the text L1 term subtracted"),
+    Mutation("promptsrc-image-l1-sign", PSRC, SRC_SUM,
+             SRC_SUM.replace('+ terms["image_l1"]', '- terms["image_l1"]'),
+             (PSRC_REF, PSRC_GOLD), "the image L1 term subtracted"),
+    Mutation("promptsrc-kl-batchmean", PSRC, "log_target=True) / logits.numel()",
+             "log_target=True) / logits.shape[0]",
+             (PSRC_REF, PSRC_GOLD), "KL divided by B (batchmean), not by B*C as the code"),
+    Mutation("promptsrc-teacher-normalised-per-template", "fastprompt/methods/base.py",
+             "parts.append(torch.stack(feats, dim=1).mean(dim=1))",
+             "parts.append(F.normalize(torch.stack(feats, dim=1), dim=-1).mean(dim=1))",
+             (f"{PSRC_REF_FILE}::test_promptsrc_text_teacher_is_the_unnormalised_mean",
+              f"{PSRC_GOLD_FILE}::test_golden_teachers"), "each template normalised before the mean"),
+    Mutation("promptsrc-image-teacher-prompted", PSRC,
+             "return self.backbone.encode_image(images, NO_HOOKS, self.opts)",
+             "return self.backbone.encode_image(images, self.image_hooks(), self.opts)",
+             (PSRC_REF, PSRC_GOLD), "the image teacher runs with the prompts on"),
+    Mutation("promptsrc-detected-as-ivlp", PSRC, "precedence=15,", "precedence=25,",
+             (f"{ORIG_SRC}::test_promptsrc_and_ivlp_files_are_told_apart",),
+             "IVLP's detector runs first: a PromptSRC file is taken for IVLP"),
+    Mutation("gpa-weight-of-previous-epoch", PSRC,
+             "w = gpa_weights(self.config.gpa_mean, self.config.gpa_std, epochs)[epoch]",
+             "w = gpa_weights(self.config.gpa_mean, self.config.gpa_std, epochs)[epoch - 1]",
+             (f"{GPA}::test_the_saved_model_is_the_weighted_sum_of_the_epochs",
+              f"{PSRC_GOLD_FILE}::test_golden_gpa_average_of_a_real_run"),
+             "each epoch weighted by its predecessor's weight"),
+    Mutation("gpa-std-as-variance", PSRC, "np.exp(-0.5 * ((e - mean) / std) ** 2)",
+             "np.exp(-0.5 * ((e - mean) / std ** 2) ** 2)",
+             (f"{GPA}::test_weights_are_the_normalised_gaussian",
+              f"{PSRC_GOLD_FILE}::test_golden_gpa_weights_of_every_recipe"),
+             "GPA_STD read as a variance"),
+    Mutation("gpa-average-not-applied", PSRC, "p.copy_(self._gpa[name])", "pass",
+             (f"{GPA}::test_the_saved_model_is_the_weighted_sum_of_the_epochs",),
+             "the last epoch saved, not the average"),
+    Mutation("gpa-sum-not-checkpointed", PSRC, "        if not self._gpa:\n            return {}\n",
+             "        return {}\n",
+             (f"{GPA}::test_a_run_killed_and_resumed_ends_with_the_same_average",),
+             "a resumed run loses the running sum"),
+    Mutation("kgcoop-kg-sign", "fastprompt/methods/kgcoop.py", 'return terms["ce"] + terms["kg"], logits',
+             'return terms["ce"] - terms["kg"], logits',
+             ("tests/test_references_kgcoop.py",
+              "tests/test_golden_kgcoop.py::test_golden_logits_loss_terms_teacher_and_gradient"),
+             "the knowledge-guidance term subtracted"),
+    Mutation("kgcoop-dtd-teacher-is-coops", "fastprompt/methods/kgcoop.py",
+             '"dtd": "a photo of a {}, a type of texture.",', '"dtd": "{} texture.",',
+             (f"{ORIG_SRC}::test_kgcoop_release_file_imports_with_a_note",),
+             "CoOp's DTD prompt instead of KgCoOp's"),
+    Mutation("kgcoop-teacher-ignores-the-dataset", "fastprompt/jobs.py",
+             "        options.setdefault(key, value)\n", "        pass\n",
+             ("tests/test_src_cli.py::test_kgcoop_cli_teacher_follows_the_dataset_and_one_small_batch",),
+             "fit leaves KgCoOp's teacher at the generic prompt"),
+    Mutation("loader-always-drops-the-last-batch", "fastprompt/training.py",
+             "drop_last=len(dataset) >= batch_size", "drop_last=True",
+             ("tests/test_src_cli.py::test_kgcoop_cli_teacher_follows_the_dataset_and_one_small_batch",),
+             "fewer images than a batch train on nothing (Dassl trains one smaller batch)"),
     # ---------------------------------------------------------------- CLIP-LoRA, weight-delta slots
     Mutation("lora-scale-alpha-over-r", "fastprompt/methods/clip_lora.py",
              "self.scale = config.alpha / math.sqrt(config.r)", "self.scale = config.alpha / config.r",
@@ -225,7 +290,7 @@ MUTATIONS = [
              "return nn.parallel.DistributedDataParallel(step, device_ids=ids)", "return step",
              ("tests/test_ddp.py",), "each rank trains on its own, gradients never averaged"),
     Mutation("schedule-not-applied", "fastprompt/training.py",
-             'group["lr"] = lrs[-1]', "pass",
+             'group["lr"] = lr', "pass",
              ("tests/test_training_loop.py",), "the optimiser keeps the base rate (no warm-up, no cosine)"),
     Mutation("sgd-momentum-weight-decay-swapped", "fastprompt/optim.py",
              "momentum=recipe.momentum,\n                           weight_decay=recipe.weight_decay)",

@@ -1,0 +1,125 @@
+"""Packed training (`fastprompt.sweep.train_packed`): runs of one method stepped together, one
+backbone pass per step, each run ending exactly where it ends alone."""
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import fastprompt as fp
+import fastprompt.pack as pack_module
+from fastprompt.data import Datum
+from fastprompt.errors import TrainingError
+from fastprompt.recipes import Recipe
+from fastprompt.sweep import train_packed
+from fastprompt.training import TrainEnv, Trainer, train
+
+from common import tiny_clip
+
+CLASSES = ["dog", "cat", "car"]
+
+
+def items(seed, n=12):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        out.append(Datum(None, i % 3, CLASSES[i % 3], image=Image.fromarray(pixels)))
+    return out
+
+
+def quiet(*_):
+    pass
+
+
+def model(method, seed):
+    torch.manual_seed(seed)
+    return fp.create(method, tiny_clip(), CLASSES)
+
+
+def env(seed):
+    return TrainEnv(device=torch.device("cpu"), seed=seed, progress=False)
+
+
+#: three runs of one method: other seeds, other data, other recipes (epochs, batch, lr)
+RUNS = [(1, Recipe(batch_size=4, lr=0.01, epochs=3)), (2, Recipe(batch_size=4, lr=0.02, epochs=2)),
+        (3, Recipe(batch_size=4, lr=0.005, epochs=4, warmup_epochs=0))]
+
+
+def solo(method, tmp_path):
+    for seed, recipe in RUNS:
+        train(model(method, seed), recipe, items(seed), tmp_path / f"solo{seed}", env(seed), log=quiet)
+
+
+def starts(method, tmp_path, resume=False, recipes=None):
+    out = []
+    for seed, recipe in (recipes or RUNS):
+        def start(seed=seed, recipe=recipe):
+            t = Trainer(model(method, seed), recipe, items(seed), tmp_path / f"pack{seed}", env(seed),
+                        resume=resume, log=quiet)
+            return t, lambda stats, seed=seed: (seed, stats)
+        out.append(start)
+    return out
+
+
+#: the bound on a packed run's tensors against its solo run's, per tensor, relative to the tensor's
+#: largest value: a merged pass adds rows to each matmul, which may change how the CPU blocks
+#: them, i.e. the rounding; measured on the 2-core VM (torch 2.14.1, 1 thread): up to 1.9e-5 (MMA)
+PACK_RTOL = 2e-4
+
+
+def same_checkpoints(a, b):
+    """max over tensors of max|Δ| / max|t| between two runs' last checkpoints (False: other keys)."""
+    x, y = load_file(str(a / "checkpoint.safetensors")), load_file(str(b / "checkpoint.safetensors"))
+    return x.keys() == y.keys() and max(
+        float((x[k] - y[k]).abs().max() / x[k].abs().max().clamp_min(1e-12)) for k in x)
+
+
+@pytest.mark.parametrize("method", ["coop", "maple", "mma"])
+def test_a_pack_trains_each_run_as_alone(method, tmp_path, monkeypatch):
+    """Three runs packed two at a time (the third joins when the second-shortest leaves): every
+    tensor of each run's last checkpoint (parameters and momentum) equals its solo run's within
+    PACK_RTOL, the same number of epochs is logged, and the backbone ran merged passes."""
+    solo(method, tmp_path)
+    merged = []
+    execute = pack_module.Pack._execute
+    monkeypatch.setattr(pack_module.Pack, "_execute",
+                        lambda self, calls: (merged.append(len(calls)), execute(self, calls))[1])
+    results = train_packed(starts(method, tmp_path), size=2, log=quiet)
+    assert [r[0] for r in results] == [1, 2, 3] and [r[1]["epochs"] for r in results] == [3, 2, 4]
+    assert max(merged) == 2
+    for seed, _ in RUNS:
+        gap = same_checkpoints(tmp_path / f"solo{seed}", tmp_path / f"pack{seed}")
+        assert gap is not False and gap <= PACK_RTOL, (seed, gap)
+        logs = [(tmp_path / f"{k}{seed}" / "log.jsonl").read_text().count("\n") for k in ("solo", "pack")]
+        assert logs[0] == logs[1]
+
+
+def test_a_failing_run_leaves_and_the_others_finish(tmp_path):
+    recipes = [(1, Recipe(batch_size=4, lr=0.01, epochs=2)),
+               (2, Recipe(batch_size=4, lr=1e32, epochs=2, warmup_epochs=0))]
+    results = train_packed(starts("coop", tmp_path, recipes=recipes), size=2, log=quiet)
+    assert results[0][0] == 1 and isinstance(results[1], TrainingError)
+    assert "NaN/inf" in str(results[1])
+    train(model("coop", 1), recipes[0][1], items(1), tmp_path / "solo1", env(1), log=quiet)
+    assert same_checkpoints(tmp_path / "solo1", tmp_path / "pack1") <= PACK_RTOL
+
+
+def test_a_killed_pack_resumes_each_run_from_its_own_epoch(tmp_path, monkeypatch):
+    import fastprompt.sweep as sweep
+
+    solo("coop", tmp_path)
+    advance, calls = sweep._advance, []
+
+    def killed_at_step_5(seat):
+        calls.append(1)
+        if len(calls) == 3 * 5:  # the fifth step of the pack of three
+            raise KeyboardInterrupt
+        return advance(seat)
+    monkeypatch.setattr(sweep, "_advance", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_packed(starts("coop", tmp_path), size=3, log=quiet)
+    monkeypatch.setattr(sweep, "_advance", advance)
+    train_packed(starts("coop", tmp_path, resume=True), size=3, log=quiet)
+    for seed, _ in RUNS:
+        gap = same_checkpoints(tmp_path / f"solo{seed}", tmp_path / f"pack{seed}")
+        assert gap is not False and gap <= PACK_RTOL, (seed, gap)
