@@ -6,6 +6,7 @@ baseline   = the same model with every optimisation off (`set_fast(False)`): 77 
 fastprompt = the defaults: `model.classifier()` for inference (cached text, one image pass), the
              text shortcut / kernels / caches for training
 clip-image-only = open_clip's own `encode_image` + one matmul: the ceiling for inference
+             (CLIP-LoRA's classifier runs merged weights: it should cost exactly this)
 
 On CUDA: ViT-B/16 (random init), bf16 autocast, batch 100, C = 100 and 1000 classes; training at
 C = 500 base classes with each method's original batch size. On a CPU: the tiny backbone, fp32,
@@ -21,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt as fp
+from fastprompt.backbone import NO_HOOKS
 from fastprompt.recipes import RECIPES
 from fastprompt.training import LossModule, TrainEnv, make_step
 
-INFER_METHODS = ["coop", "maple", "ivlp", "mma", "maple+lamm"]
-TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm", "promptsrc", "kgcoop"]
+INFER_METHODS = ["coop", "maple", "ivlp", "mma", "maple+lamm", "clip_lora"]
+TRAIN_METHODS = ["coop", "cocoop", "maple", "ivlp", "mma", "lamm", "maple+lamm", "promptsrc", "kgcoop",
+                 "clip_lora"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,3 +259,28 @@ def test_tip_search(benchmark, bench, variant):
     bench.run(lambda: fn(feats, labels, text, keys, key_labels, betas, alphas), variant=variant,
               shapes={"val": (len(labels), dim), "keys": (len(key_labels), dim)}, bytes_moved=0, warmup=1)
     note(benchmark, classes=n, shots=shots, val_images=len(labels), grid=len(betas) * len(alphas))
+
+
+@pytest.mark.parametrize("variant", ["baseline", "fastprompt", "frozen-tower"])
+def test_lora_branch_overhead(benchmark, bench, variant):
+    """What CLIP-LoRA's unfused low-rank branches cost in a training step of the image tower (batch
+    32, dropout 0.25, q/k/v of every block): forward + backward through the frozen tower with the
+    gradient taken into the images and no deltas (`frozen-tower`: the floor of any kernel fusing
+    the branch into the qkv projection), with the deltas on the fast path (`fastprompt`: fused qkv
+    + one skinny matmul each way), and the release's way (`baseline`: B@A formed, one Linear per
+    projection, kernels off). The fast path's time over the floor is all a fusion could win."""
+    env, w = bench.env, workload(bench.env)
+    benchmark.group = "lora-branch-overhead"
+    torch.manual_seed(0)
+    model = fp.create("clip_lora", backbone(env.cuda), classnames(2)).train()
+    model.set_fast(variant != "baseline")
+    x = images(env, 32, w["image"]).requires_grad_(variant == "frozen-tower")
+
+    def step():
+        hooks = NO_HOOKS if variant == "frozen-tower" else model.image_hooks()
+        with amp(env):
+            feats = model.backbone.encode_image(x, hooks, model.opts)
+        feats.float().sum().backward()
+
+    bench.run(step, variant=variant, shapes={"images": tuple(x.shape)}, bytes_moved=0)
+    note(benchmark, images=32, method="clip_lora")

@@ -4,14 +4,17 @@ For layer i of either tower the runner computes (ViT pre-norm block):
 
     x      <- x with rows [s, s+n) replaced by prompts[i]          (prompt slot, if any)
     h       = ln_1(x)
-    y       = x + attn(h)
+    y       = x + attn(h)       q/k/v/o with low-rank deltas (weight-delta slot, if any; lora.py)
     y       = y + mlp(ln_2(y))
     y      <- y + alpha * adapter_i(h)                              (adapter slot, if any)
 
 Prompt slots of the text tower start after SOS (row `text_prompt_start`, default 1); those of the
 image tower are the last n rows. The image tower's layer-0 prompts are *appended* after the
 position embedding, before `ln_pre` (MaPLe / VPT-deep style). The text tower's input is a token
-embedding sequence built by the method (shallow prompts already substituted).
+embedding sequence built by the method (shallow prompts already substituted). A weight-delta slot
+(`fastprompt.lora`: LoRA, unmerged for training, `Merged` into a copy of the block's weights for
+inference) changes the attention projections of its block; its dropout masks are drawn per tower
+before the tower runs (`lora.with_masks`).
 
 `RunOptions.kernels` routes insertion+norm and the adapter branch through `fastprompt.kernels`
 (Triton on CUDA); off, through their pure-torch references (`fastprompt.kernels.reference`:
@@ -28,6 +31,7 @@ from torch import nn
 
 from .clip import Clip, text_parts
 from .gather import gathered
+from .lora import LoRA, Merged, needs_masks, with_masks
 
 
 @dataclass
@@ -87,10 +91,12 @@ class SegmentedAdapter:
 
 @dataclass
 class TowerHooks:
-    """What a method puts into one tower: prompt rows and adapter branches, keyed by layer."""
+    """What a method puts into one tower: prompt rows, adapter branches and weight deltas (LoRA,
+    or the same merged into the weights), keyed by layer."""
 
     prompts: dict[int, torch.Tensor] = field(default_factory=dict)
     adapters: dict[int, Adapter] = field(default_factory=dict)
+    lora: dict[int, LoRA | Merged] = field(default_factory=dict)
 
 
 NO_HOOKS = TowerHooks()
@@ -175,7 +181,7 @@ class Backbone(nn.Module):
         blocks = self.text["blocks"]
         for i in range(start, len(blocks) if stop is None else stop):
             x = self._block(blocks[i], x, True, hooks.prompts.get(i) if i > 0 else None,
-                            prompt_start, hooks.adapters.get(i), opts)
+                            prompt_start, hooks.adapters.get(i), opts, hooks.lora.get(i))
         return x
 
     def text_head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
@@ -191,6 +197,10 @@ class Backbone(nn.Module):
                     opts: RunOptions = RunOptions(), prompt_start: int = 1,
                     used: int | None = None) -> torch.Tensor:
         """Token embeddings [N, L, D] (prompts substituted) + end-of-text rows -> features [N, E]."""
+        if needs_masks(hooks):  # at full length: the text shortcut keeps the first rows
+            keep = self.text_length(eot, emb.shape[1], opts, used)
+            hooks = with_masks(hooks, emb.shape[0], emb.shape[1], keep, emb.device)
+
         def run(emb, eot, hooks):
             x = self.text_input(emb, eot, opts, used)
             x = self.text_blocks(x, hooks, opts, prompt_start=prompt_start)
@@ -210,7 +220,10 @@ class Backbone(nn.Module):
                          hooks: TowerHooks = NO_HOOKS, opts: RunOptions = RunOptions(),
                          prompt_start: int = 1) -> torch.Tensor:
         """Features [N, E] from hidden states `x` entering text layer `layer` (`text_hidden`'s
-        output): layers layer.. with `hooks`, then the head; in chunks as `encode_text`."""
+        output): layers layer.. with `hooks`, then the head; in chunks as `encode_text`. LoRA
+        dropout masks are drawn at the length of `x`."""
+        hooks = with_masks(hooks, x.shape[0], x.shape[1], x.shape[1], x.device)
+
         def run(x, eot, hooks):
             x = self.text_blocks(x, hooks, opts, start=layer, prompt_start=prompt_start)
             return self.text_head(x, eot)
@@ -244,7 +257,8 @@ class Backbone(nn.Module):
         parts = []
         for i in range(0, n, chunk):
             cut = slice(i, i + chunk)
-            part = TowerHooks({k: rows_of(p, cut) for k, p in hooks.prompts.items()}, hooks.adapters)
+            part = TowerHooks({k: rows_of(p, cut) for k, p in hooks.prompts.items()}, hooks.adapters,
+                              {k: slot.select(cut) for k, slot in hooks.lora.items()})
             # the frozen tower draws no random numbers: no RNG state to save (and none to read
             # during CUDA-graph capture)
             parts.append(checkpoint(fn, *(r[cut] for r in rows), part, use_reentrant=False,
@@ -271,16 +285,17 @@ class Backbone(nn.Module):
                      opts: RunOptions = RunOptions()) -> torch.Tensor:
         """Images [B, 3, H, W] -> image features [B, E] (before normalisation)."""
         x = self.image_input(images, hooks)
+        hooks = with_masks(hooks, x.shape[0], x.shape[1], x.shape[1], x.device)
         for i, blk in enumerate(self.visual.transformer.resblocks):
             p = hooks.prompts.get(i) if i > 0 else None
             start = x.shape[1] - p.shape[-2] if p is not None else 0
-            x = self._block(blk, x, False, p, start, hooks.adapters.get(i), opts)
+            x = self._block(blk, x, False, p, start, hooks.adapters.get(i), opts, hooks.lora.get(i))
         x = self.visual.ln_post(x[:, 0])
         return x @ self.visual.proj if self.visual.proj is not None else x
 
     # ------------------------------------------------------------------ one block
     def _block(self, blk, x, causal: bool, prompts, start: int, adapter: Adapter | None,
-               opts: RunOptions) -> torch.Tensor:
+               opts: RunOptions, lora: LoRA | Merged | None = None) -> torch.Tensor:
         ln = blk.ln_1
         if prompts is not None:  # fused (kernels on) or its pure-torch reference: cat + layer_norm
             from fastprompt import kernels
@@ -290,20 +305,33 @@ class Backbone(nn.Module):
             x, h = insert(x, prompts.to(x.dtype), start, ln.weight, ln.bias, ln.eps)
         else:
             h = ln(x)
-        y = x + blk.ls_1(self._attention(blk.attn, h, causal))
+        y = x + blk.ls_1(self._attention(blk.attn, h, causal, lora, opts.kernels))
         y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
         if adapter is not None:
             y = adapter(h, y, fused=opts.kernels)
         return y
 
     @staticmethod
-    def _attention(attn: nn.MultiheadAttention, h: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _attention(attn: nn.MultiheadAttention, h: torch.Tensor, causal: bool,
+                   lora: LoRA | Merged | None = None, kernels: bool = True) -> torch.Tensor:
         b, n, d = h.shape
         heads = attn.num_heads
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return attn.out_proj(o.transpose(1, 2).reshape(b, n, d))
+        if lora is None:
+            qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2)
+                       for t in lora.qkv(attn, h, kernels))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, n, d)
+        return attn.out_proj(o) if lora is None else lora.out(attn, o, kernels)
+
+    def merged(self, hooks: TowerHooks, text: bool) -> TowerHooks:
+        """`hooks` of the text (or image) tower with every LoRA slot merged into a copy of its
+        block's attention weights (`lora.LoRA.merge`): what inference and export run."""
+        if not hooks.lora:
+            return hooks
+        blocks = self.text["blocks"] if text else self.visual.transformer.resblocks
+        return replace(hooks, lora={i: s.merge(blocks[i].attn) for i, s in hooks.lora.items()})
 
     # ------------------------------------------------------------------ logits
     def logit_scale(self) -> torch.Tensor:

@@ -3,7 +3,9 @@
 `Classifier(images) = logit_scale * normalize(encode_image(images; image prompts/adapters)) @ T.T`
 with `T` [C, E] the normalised text features computed once. Image-side prompts that depend only
 on learnable tensors (MaPLe's coupled prompts) are evaluated once here and kept as buffers, so
-the module holds constants only; adapters are shared with the method that made it.
+the module holds constants only; adapters are shared with the method that made it. Weight deltas
+(LoRA) are merged into copies of their blocks' attention weights, kept as buffers: the image pass
+is plain CLIP's with other weights.
 
 `predict(images, topk)` classifies image files or PIL images with the model's own preprocessing
 (evaluation's `test_transform` at the backbone's image size, mean and std; files decoded as
@@ -22,6 +24,7 @@ from torch import nn
 
 from .backbone import TowerHooks
 from .errors import DataError, InputError, RunnerError
+from .lora import Merged
 
 #: (class name, softmax probability), most probable first: what `predict` gives per image
 Top = list[tuple[str, float]]
@@ -125,8 +128,8 @@ class Classifier(Predicts, nn.Module):
         self.image_size = method.clip.image_size
         self.mean, self.std = tuple(method.clip.mean), tuple(method.clip.std)
         self.register_buffer("text_features", text_features.detach().float())
-        self.register_buffer("logit_scale", self.backbone.logit_scale().detach().float())
-        hooks = method.image_hooks()
+        self.register_buffer("logit_scale", torch.as_tensor(method.logit_scale()).detach().float())
+        hooks = self.backbone.merged(method.image_hooks(), text=False)
         self._prompt_layers = sorted(hooks.prompts)
         for i in self._prompt_layers:
             self.register_buffer(f"image_prompt_{i}", hooks.prompts[i].detach().clone())
@@ -134,10 +137,17 @@ class Classifier(Predicts, nn.Module):
         # the adapter Linear layers, registered so .to() / export see them
         self.adapter_modules = nn.ModuleList(
             nn.ModuleList([a.down, a.shared, a.up]) for a in self._adapters.values())
+        self._merged_layers = sorted(hooks.lora)
+        for i, m in hooks.lora.items():
+            for part in ("in_proj", "out_proj"):
+                if getattr(m, part) is not None:
+                    self.register_buffer(f"image_{part}_{i}", getattr(m, part).detach().clone())
 
     def image_hooks(self) -> TowerHooks:
         prompts = {i: getattr(self, f"image_prompt_{i}") for i in self._prompt_layers}
-        return TowerHooks(prompts=prompts, adapters=self._adapters)
+        lora = {i: Merged(*(getattr(self, f"image_{part}_{i}", None) for part in ("in_proj", "out_proj")))
+                for i in self._merged_layers}
+        return TowerHooks(prompts=prompts, adapters=self._adapters, lora=lora)
 
     @property
     def device(self) -> torch.device:

@@ -53,6 +53,7 @@ class Recipe:
     min_lr: float = 0.0
     #: > 0: the run is this many optimiser steps times the shots (CLIP-LoRA: 500 x K), however
     #: many epochs that takes; the last epoch stops when the budget is spent. 0: `epochs` epochs
+    #: (an `epochs` override, --epochs, sets it to 0 unless it is overridden too)
     iterations_per_shot: int = 0
     #: RandomResizedCrop's scale range of the training augmentation (CoOp 0.08-1; Tip-Adapter 0.5-1)
     crop_scale: tuple = (0.08, 1.0)
@@ -155,7 +156,10 @@ def recipe_from_card(method: str, card: dict, dataset: str = "", recipe: str | N
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown recipe field '{unknown[0]}'; valid: {', '.join(sorted(_FIELDS))}")
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None}).check()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "iterations_per_shot" not in given:
+        given["iterations_per_shot"] = 0  # epochs asked for replace the card's step budget
+    return dataclasses.replace(base, **given).check()
 
 
 def recipe_for(method: str, dataset: str = "", recipe: str | None = None, **overrides) -> Recipe:

@@ -9,7 +9,7 @@ import fastprompt as fp
 
 CLASSNAMES = ["dog", "cat", "sports_car", "golden retriever", "red apple"]
 ALL_METHODS = ["zeroshot", "coop", "cocoop", "maple", "ivlp", "mma", "lamm", "coop+lamm", "maple+lamm",
-               "promptsrc", "kgcoop", "tip_adapter", "tip_adapter_f", "clip_adapter"]
+               "promptsrc", "kgcoop", "clip_lora", "tip_adapter", "tip_adapter_f", "clip_adapter"]
 #: methods without an optimiser step (the reference, Tip-Adapter's training-free cache)
 TRAINING_FREE = ["zeroshot", "tip_adapter"]
 #: heads on features that hold a cache of few-shot image features (Tip-Adapter)

@@ -9,7 +9,7 @@ from fastprompt.backbone import TowerHooks
 from common import CLASSNAMES, images, perturb, tiny_clip
 
 VIT_B16_COUNTS = {"coop": 2048, "cocoop": 35360, "maple": 3555072, "ivlp": 30720, "mma": 674560,
-                  "zeroshot": 0, "promptsrc": 46080, "kgcoop": 2048}
+                  "zeroshot": 0, "promptsrc": 46080, "kgcoop": 2048, "clip_lora": 184320}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,15 @@ def test_vit_b16_parameter_counts(vit_b16):
     assert count(fp.create("lamm", vit_b16, names)) == len(names) * m * 512
     assert count(fp.create("coop+lamm", vit_b16, names)) == 2048 + len(names) * m * 512
     assert count(fp.create("maple+lamm", vit_b16, names)) == 3555072 + len(names) * 1 * 512
+
+
+def test_clip_lora_counts_per_tower(vit_b16):
+    """CLIP-LoRA on ViT-B/16 (METHODS.md): text 12 x 3 x (2x512 + 512x2) = 73,728, vision
+    12 x 3 x (2x768 + 768x2) = 110,592; with o as well 4/3 of that; r 4 twice r 2."""
+    names = ["dog", "cat"]
+    for options, n in (({"encoder": "text"}, 73728), ({"encoder": "vision"}, 110592),
+                       ({"params": "qkvo"}, 245760), ({"r": 4}, 368640), ({"position": "top3"}, 46080)):
+        assert count(fp.create("clip_lora", vit_b16, names, **options)) == n, options
 
 
 def test_maple_structure(vit_b16):

@@ -42,6 +42,9 @@ PINNED = {
     "tip_adapter": {p: (256, 0.002, 0, 0, _TIP_DTD) for p in PROTOCOLS},
     "tip_adapter_f": {p: (256, 0.001, 20, 0, _TIP_DTD) for p in PROTOCOLS},
     "clip_adapter": {"base2novel": (32, 0.002, 200, 1, {}), "cross": (32, 0.002, 50, 1, {})},
+    # a step budget, not epochs (tests/test_clip_lora.py pins the rest of the recipe)
+    "clip_lora": {"base2novel": (32, 0.0002, 0, 0, {}), "cross": (32, 0.0002, 0, 0, {}),
+                  "fewshot": (32, 0.0002, 0, 0, {})},
 }
 for _pinned in PINNED.values():  # no released few-shot config of their own: the base2novel one
     _pinned.setdefault("fewshot", _pinned["base2novel"])
@@ -100,14 +103,14 @@ def test_register_needs_a_card_and_a_new_name():
 
 @pytest.mark.parametrize("method", [m for m in ALL_METHODS[1:] if not METHODS[m].original_layout.read])
 def test_each_layout_detects_its_own_checkpoint(method, tmp_path):
-    from fastprompt.original import layouts, save_original
-    from fastprompt.original.keys import detect
-    from fastprompt.original.unpickle import safe_load
+    from fastprompt.original import layouts, read_state_dict, save_original
+    from fastprompt.original.keys import detect, file_key
 
     model = fp.create(method, tiny_clip(), CLASSNAMES)
     layout = type(model).original_layout
     assert layouts()[method] is layout
-    keys = list(safe_load(save_original(model, tmp_path))["state_dict"])
+    sd, _ = read_state_dict(method, save_original(model, tmp_path))
+    keys = [file_key(layout, k) for k in sd]
     assert detect(layouts().values(), keys)[0] == layout.kind
     assert set(layout.names(model).values()) == set(model.trainable_state()) | layout.frozen
 

@@ -9,7 +9,7 @@ import importlib
 
 from .base import METHODS, Method, MethodConfig, card, list_methods, reference_method, register
 
-MODULES = ("zeroshot", "coop", "cocoop", "maple", "mma", "lamm", "promptsrc", "kgcoop",
+MODULES = ("zeroshot", "coop", "cocoop", "maple", "mma", "lamm", "promptsrc", "kgcoop", "clip_lora",
            "tip_adapter", "tip_adapter_f", "clip_adapter")
 for _module in MODULES:
     importlib.import_module(f".{_module}", __name__)

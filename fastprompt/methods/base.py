@@ -181,6 +181,10 @@ class Method(nn.Module):
         hooks = self.image_hooks() if hooks is None else hooks
         return F.normalize(self.backbone.encode_image(images, hooks, self.opts), dim=-1)
 
+    def logit_scale(self) -> torch.Tensor:
+        """The factor of the cosine logits: CLIP's exp(logit_scale) (CLIP-LoRA: the integer 100)."""
+        return self.backbone.logit_scale()
+
     def frozen_text_features(self, templates, classnames: list[str] | None = None) -> torch.Tensor:
         """The mean over `templates` of the un-normalised text features [C, E] of the frozen CLIP
         (no prompt, no hook) for `classnames` (default: the training classes). What PromptSRC's
@@ -202,7 +206,7 @@ class Method(nn.Module):
         return self._cache[key]
 
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.backbone.logit_scale() * image_features @ text_features.t()
+        return self.logit_scale() * image_features @ text_features.t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from(self.image_features(images), self.text_features())

@@ -1,9 +1,13 @@
 """Checkpoints of the authors' code (CoOp, CoCoOp, MaPLe, IVLP, MMA, LAMM, PromptSRC, KgCoOp,
-Tip-Adapter, CLIP-Adapter) in and out of fastprompt.
+CLIP-LoRA, Tip-Adapter, CLIP-Adapter) in and out of fastprompt.
 
     model = load_original("maple", "output/base2new/.../seed1", clip, classnames)
     sd = original_state_dict(model)   # {"prompt_learner.ctx": model.ctx, ...} (live tensors)
     save_original(model, out_dir)     # <out_dir>/<registered name>/model.pth.tar-<epoch>
+
+CLIP-LoRA writes a file of its own (`lora_weights.pt`: weights per adapted block and the metadata
+r, alpha, encoder, params, position), which its `Layout.file_format` reads and writes; what the
+file records is cross-checked against `config` like the tensors are.
 
 The file is read with a restricted unpickler (`unpickle.safe_load`): nothing in it is executed.
 What the tensors tell (n_ctx, depth, adapter layers and width, class count, label length) is read
@@ -26,7 +30,7 @@ import torch
 from ..errors import short_repr
 from ..files import atomic_write
 from .keys import (OriginalCheckpointError, detect, file_key, full_key, ignorable, options_for,
-                   original_names, read_config)
+                   original_names, read_config, with_recorded)
 
 __all__ = ["OriginalCheckpointError", "load_original", "original_state_dict", "save_original",
            "find_checkpoint"]
@@ -53,7 +57,8 @@ def _layout(method: str):
 
 def find_checkpoint(method: str, path) -> Path:
     """A checkpoint file, or the newest one under an original output directory:
-    `<dir>/<registered>/model.pth.tar-<N>` (highest N), else `model-best.pth.tar`."""
+    `<dir>/<registered>/model.pth.tar-<N>` (highest N), else `model-best.pth.tar`; for a method
+    with a file of its own (CLIP-LoRA), the one file of that name in or under the directory."""
     p, layout = Path(path), _layout(method)
     if layout.find is not None:  # not a Dassl checkpoint (Tip-Adapter's cache files)
         return layout.find(layout, p)
@@ -61,6 +66,14 @@ def find_checkpoint(method: str, path) -> Path:
         return p
     if not p.is_dir():
         raise OriginalCheckpointError(f"checkpoint not found: {p}")
+    if layout.file_format:
+        name = layout.file_format.filename
+        found = [p / name] if (p / name).is_file() else sorted(f for f in p.rglob(name) if f.is_file())
+        if len(found) != 1:
+            raise OriginalCheckpointError(
+                f"{len(found) or 'no'} {name} under {p}" + (f" ({found[0]}, {found[1]}, ...): give "
+                                                             f"one file" if found else ""))
+        return found[0]
     for d in (p / layout.registered, p):
         epochs = [(int(m.group(1)), f) for f in d.glob("model.pth.tar-*")
                   if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f.name)) and f.is_file()]
@@ -70,7 +83,7 @@ def find_checkpoint(method: str, path) -> Path:
             return d / "model-best.pth.tar"
     others: dict = {}
     for lay in layouts().values():
-        if lay.registered != layout.registered and (p / lay.registered).is_dir():
+        if lay.registered and lay.registered != layout.registered and (p / lay.registered).is_dir():
             others.setdefault(lay.registered, []).append(lay.family)
     hint = "; it holds " + ", ".join(f"{r}/ ({' or '.join(f)})" for r, f in sorted(others.items())) \
         if others else ""
@@ -79,20 +92,25 @@ def find_checkpoint(method: str, path) -> Path:
 
 
 def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
-    """(state dict with full original names, floating tensors upcast to fp32; the whole file)."""
+    """(state dict with full original names, floating tensors upcast to fp32; the config names the
+    file records about itself, {} but for a format of its own)."""
     from .unpickle import UnpickleError, safe_load
 
+    layout = _layout(method)
     try:
         obj = safe_load(file)
     except UnpickleError as e:
         raise OriginalCheckpointError(str(e)) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    recorded: dict = {}
+    if layout.file_format:
+        raw, recorded = layout.file_format.read(obj)
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         raw = obj["state_dict"]
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raw, obj = obj, {"state_dict": obj}
+        raw = obj
     else:
         raise OriginalCheckpointError(f"{file} holds no 'state_dict': not a checkpoint of the original trainers")
-    layout, sd = _layout(method), {}
+    sd = {}
     for key, value in raw.items():
         if not isinstance(key, str):
             raise OriginalCheckpointError(f"{file}: state-dict key {short_repr(key)} is not a "
@@ -102,7 +120,7 @@ def read_state_dict(method: str, file: Path) -> tuple[dict, dict]:
                                           f"({short_repr(value)})")
         full = full_key(layout, key[len("module."):] if key.startswith("module.") else key)
         sd[full] = value.float() if value.is_floating_point() and not ignorable(layout, full) else value
-    return sd, obj
+    return sd, recorded
 
 
 def load_original(method: str, path, clip, classnames, config=None):
@@ -123,7 +141,7 @@ def load_original(method: str, path, clip, classnames, config=None):
     file = find_checkpoint(method, path)
     if layout.read is not None:
         return _load_files(method, layout, file, clip, classnames, config)
-    sd, _ = read_state_dict(method, file)
+    sd, recorded = read_state_dict(method, file)
     seen = detect(layouts().values(), [file_key(layout, k) for k in sd] if layout.owner else sd)
     if seen is None or seen[0] != layout.kind:
         what = f"looks like a {seen[0]} checkpoint (key '{seen[1]}')" if seen else "has no known key"
@@ -131,6 +149,7 @@ def load_original(method: str, path, clip, classnames, config=None):
     cfg, unknown = read_config(layout, config, clip.name)
     if unknown:
         _warn(f"original config names ignored: {', '.join(unknown)}")
+    cfg = with_recorded(cfg, recorded, file)
     options, notes = options_for(layout, sd, cfg, len(classnames))
     for note in notes:
         _warn(note)
@@ -191,7 +210,8 @@ def _fill(model, sd: dict, layout) -> None:
 
 def _describe(model) -> str:
     c = model.config
-    fields = ("n_ctx", "depth", "csc", "start", "end", "width", "meta_ratio")
+    fields = ("n_ctx", "depth", "csc", "start", "end", "width", "meta_ratio", "encoder", "position",
+              "params", "r")
     parts = [f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f)]
     return ", ".join(parts + [f"{len(model.classnames)} classes"])
 
@@ -245,11 +265,18 @@ def original_state_dict(model) -> dict:
 def save_original(model, output_dir, epoch: int = 1) -> Path:
     """Write `model` as the original trainer would: `<output_dir>/<registered>/model.pth.tar-<epoch>`
     holding {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} with the original keys
-    (the original `load_model` reads it with strict=False, as it does its own files)."""
+    (the original `load_model` reads it with strict=False, as it does its own files); a method
+    with a file of its own (CLIP-LoRA): `<output_dir>/<its file name>` as its code writes it."""
     layout = _dassl_layout(model.name)
     tensors = {**original_state_dict(model), **(layout.markers(model) if layout.markers else {})}
     state = OrderedDict((file_key(layout, k), v.detach().to("cpu", torch.float32).clone())
                         for k, v in tensors.items())
+    if layout.file_format:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(output_dir) / layout.file_format.filename
+        payload = layout.file_format.write(model, state)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return path
     folder = Path(output_dir) / layout.registered
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model.pth.tar-{epoch}"

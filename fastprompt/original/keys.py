@@ -27,6 +27,19 @@ def err(msg: str) -> OriginalCheckpointError:
 
 
 @dataclass(frozen=True)
+class FileFormat:
+    """A checkpoint file of a method's own, instead of Dassl's `model.pth.tar-N` holding a state
+    dict (CLIP-LoRA's `lora_weights.pt`: nested weights and the metadata that built them)."""
+
+    filename: str          # the file's name as the original code writes it
+    #: the unpickled file -> ({file key: tensor}, {config name: value the file records}); raises
+    #: OriginalCheckpointError (`err`) on a file of another shape
+    read: Callable
+    #: (model, {file key: fp32 CPU tensor}) -> the object the original code saves
+    write: Callable
+
+
+@dataclass(frozen=True)
 class Layout:
     """How the original code of one method saves it, and how to read it back."""
 
@@ -59,7 +72,9 @@ class Layout:
     #: it from a related format (PromptSRC's prompt-free image tower, KgCoOp's unused
     #: `bias_vectors`); `save_original` writes them, the importer skips them (`ignored...`)
     markers: Callable | None = None
-    #: formats that are not a Dassl state dict (Tip-Adapter's cache tensors): `find(layout, path)`
+    #: one file of its own that maps to a state dict (FileFormat, CLIP-LoRA); None: Dassl's checkpoint
+    file_format: FileFormat | None = None
+    #: files that are no state dict at all (Tip-Adapter's cache tensors): `find(layout, path)`
     #: -> the file to read; `read(layout, file, clip, classnames, config, notes)` -> (the model's
     #: options, fill(model) putting the tensors in)
     find: Callable | None = None
@@ -160,6 +175,24 @@ def read_config(layout: Layout, config, clip_name: str | None = None) -> tuple[d
         elif parts[0] not in SILENT and key not in SILENT:
             unknown.append(key)
     return out, unknown
+
+
+def with_recorded(cfg: dict, recorded: dict, file) -> dict:
+    """The config with what the checkpoint file records about itself (CLIP-LoRA's metadata); a
+    config value that contradicts the file is refused, as the original loader refuses it."""
+    def same(a, b):
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+
+    for key, value in recorded.items():
+        if cfg.get(key) is not None and not same(cfg[key], value):
+            raise err(f"{file} records {key}={value!r} in its metadata, the config says "
+                      f"{key}={cfg[key]!r}: a checkpoint of another setting")
+    return {**cfg, **recorded}
 
 
 def options_for(layout: Layout, sd: dict, cfg: dict, n_classes: int) -> tuple[dict, list[str]]:

@@ -42,6 +42,17 @@ def tip_golden(test: str) -> tuple[str, ...]:
     return (f"tests/test_golden_tipadapter.py::{test}",)
 
 
+LORA_REF = "tests/test_references_clip_lora.py"
+LORA = "tests/test_clip_lora.py"
+LORA_GOLD = "tests/test_golden_cliplora.py"
+LORA_MATH = f"{LORA_REF}::test_clip_lora_matches_reference"
+LORA_DROP = f"{LORA_REF}::test_clip_lora_dropout_draws_the_release_masks"
+
+
+def lora_golden(*tests: str) -> tuple[str, ...]:
+    return tuple(f"{LORA_GOLD}::test_golden_cliplora_{t}" for t in tests)
+
+
 def golden(*names: str) -> tuple[str, ...]:
     return tuple(f"{GOLD}::{t}[{n}]" for n in names
                  for t in ("test_golden_eval_logits", "test_golden_training_loss_and_grads"))
@@ -189,9 +200,78 @@ MUTATIONS = [
              "drop_last=len(dataset) >= batch_size", "drop_last=True",
              ("tests/test_src_cli.py::test_kgcoop_cli_teacher_follows_the_dataset_and_one_small_batch",),
              "fewer images than a batch train on nothing (Dassl trains one smaller batch)"),
+    # ---------------------------------------------------------------- CLIP-LoRA, weight-delta slots
+    Mutation("lora-scale-alpha-over-r", "fastprompt/methods/clip_lora.py",
+             "self.scale = config.alpha / math.sqrt(config.r)", "self.scale = config.alpha / config.r",
+             (LORA_MATH, *lora_golden("eval_logits_merged", "training_dropout_off[fast]")),
+             "loralib's scaling alpha/r instead of the release's alpha/sqrt(r)"),
+    Mutation("lora-fast-deltas-on-other-rows", "fastprompt/lora.py",
+             'blocks = [self.B[p] if p in self.A else h.new_zeros(d, 0) for p in "qkv"]',
+             'blocks = [self.B[p] if p in self.A else h.new_zeros(d, 0) for p in "kqv"]',
+             (LORA_MATH, *lora_golden("training_dropout_off[fast]")),
+             "fast path: the q branch lands on the k rows and the k branch on the q rows"),
+    Mutation("lora-release-path-rows-swapped", "fastprompt/lora.py",
+             'for j, p in enumerate("qkv"):\n                rows = slice(j * d, (j + 1) * d)',
+             'for j, p in enumerate("kqv"):\n                rows = slice(j * d, (j + 1) * d)',
+             (LORA_MATH, *lora_golden("training_dropout_off[plain]")),
+             "kernels off: each projection's delta paired with the other's frozen rows"),
+    Mutation("lora-dropout-on-the-frozen-path", "fastprompt/lora.py",
+             "y = F.linear(h, w[rows], None if b is None else b[rows])",
+             "y = F.linear(self.dropped(p, h) if p in self.A else h, w[rows], None if b is None else b[rows])",
+             (LORA_DROP, *lora_golden("training_dropout_on[plain]")),
+             "dropout on the whole projection's input, not the low-rank branch's only"),
+    Mutation("lora-merge-subtracts", "fastprompt/lora.py",
+             "in_proj = torch.cat([r + (self.B[p] @ self.A[p]) * self.scale", "in_proj = torch.cat([r - (self.B[p] @ self.A[p]) * self.scale",
+             (LORA_MATH, f"{LORA}::test_merged_equals_unmerged_and_costs_what_plain_clip_costs",
+              *lora_golden("eval_logits_merged")), "merged weights W - s·B@A"),
+    Mutation("lora-merged-out-proj-ignored", "fastprompt/lora.py",
+             "        if self.out_proj is None:\n            return attn.out_proj(o)",
+             "        if True:\n            return attn.out_proj(o)",
+             (LORA_MATH, f"{LORA}::test_merged_equals_unmerged_and_costs_what_plain_clip_costs"),
+             "inference forgets the o delta"),
+    Mutation("lora-dropout-mask-ignored", "fastprompt/lora.py",
+             "return torch.where(self.masks[p], x, 0.0)", "return x",
+             (LORA_DROP, *lora_golden("training_dropout_on[fast]")), "dropout only rescales the branch input"),
+    Mutation("lora-one-mask-for-every-projection", "fastprompt/lora.py",
+             "return torch.where(self.masks[p], x, 0.0)", 'return torch.where(self.masks["q"], x, 0.0)',
+             (LORA_DROP, *lora_golden("training_dropout_on[fast]")), "q, k and v share one dropout mask"),
+    Mutation("lora-masks-drawn-batch-first", "fastprompt/lora.py",
+             "noise = torch.empty(length, rows, width, device=device).bernoulli_(1.0 - slot.dropout)\n"
+             "                masks[p] = noise[:keep].transpose(0, 1).to(torch.bool,",
+             "noise = torch.empty(rows, length, width, device=device).bernoulli_(1.0 - slot.dropout)\n"
+             "                masks[p] = noise[:, :keep].to(torch.bool,",
+             (LORA_DROP, *lora_golden("training_dropout_on[fast]")),
+             "masks drawn in the batch-first layout, not the release's sequence-first one"),
+    Mutation("lora-text-masks-at-the-truncated-length", "fastprompt/backbone.py",
+             "with_masks(hooks, emb.shape[0], emb.shape[1], keep, emb.device)",
+             "with_masks(hooks, emb.shape[0], keep, keep, emb.device)",
+             (LORA_DROP, f"{LORA}::test_dropout_masks_do_not_depend_on_the_runtime_switches",
+              *lora_golden("training_dropout_on[fast]")),
+             "text masks drawn for the cut sequence: other draws than the release's 77-token ones"),
+    Mutation("lora-image-tower-first", "fastprompt/methods/clip_lora.py",
+             "        text = self.text_features()  # first: run_lora encodes the text, then the images\n"
+             "        return self.logits_from(self.image_features(images), text)",
+             "        return self.logits_from(self.image_features(images), self.text_features())",
+             (LORA_DROP, *lora_golden("training_dropout_on[fast]")),
+             "the image tower draws its masks before the text tower"),
+    Mutation("lora-logit-scale-of-clip", "fastprompt/methods/clip_lora.py",
+             "        return LOGIT_SCALE", "        return self.backbone.logit_scale()",
+             (LORA_MATH,), "exp(logit_scale) instead of the release's 100"),
+    Mutation("lora-file-vision-blocks-first", "fastprompt/methods/clip_lora.py",
+             'for t in ("text", "vision") for i in getattr(self, t)]', 'for t in ("vision", "text") for i in getattr(self, t)]',
+             (f"{LORA}::test_lora_weights_written_by_hand_text_first", *lora_golden("released_file_imported")),
+             "lora_weights.pt's layer_k numbered from the vision tower"),
+    Mutation("classifier-ignores-merged-weights", "fastprompt/classifier.py",
+             "self._merged_layers = sorted(hooks.lora)", "self._merged_layers = []",
+             ("tests/test_methods.py::test_classifier_equals_forward[clip_lora]",
+              f"{LORA}::test_merged_equals_unmerged_and_costs_what_plain_clip_costs"),
+             "the classifier (inference, export) runs plain CLIP's image tower"),
+    Mutation("epochs-ignored-under-a-step-budget", "fastprompt/recipes.py",
+             'given["iterations_per_shot"] = 0', "pass",
+             (f"{LORA}::test_the_released_recipe_in_every_protocol",), "--epochs has no effect on CLIP-LoRA"),
     # ---------------------------------------------------------------- shared logits
     Mutation("logit-scale-dropped", "fastprompt/methods/base.py",
-             "return self.backbone.logit_scale() * image_features @ text_features.t()",
+             "return self.logit_scale() * image_features @ text_features.t()",
              "return image_features @ text_features.t()",
              (f"{REF}::test_coop_matches_reference", *golden("coop")), "cosine logits without exp(logit_scale)"),
     # ---------------------------------------------------------------- metrics
