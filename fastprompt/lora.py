@@ -32,9 +32,10 @@ sequence length for the text tower, of which the exact text shortcut keeps the f
 same draws with and without it), and text chunks (`RunOptions.text_chunk`) slice them by sequence,
 so a checkpointed chunk's recomputation sees its own masks. They are kept as booleans.
 
-Per-sample deltas (packed sweeps, issue #25) would give A and B a leading run dimension and the
-slot an index of each sample's run; the low-rank form takes that as a batched matmul (the merge
-and the release-style branch are per run). Not built.
+In a packed sweep (`fastprompt.pack`) calls with LoRA slots are not merged: each run's tower
+passes run one after the other, each drawing its masks from its own run's random stream, so a
+packed run equals its solo run. Merging them would give A and B a leading run dimension and the
+slot an index of each sample's run (a batched matmul in the low-rank form); not built.
 """
 from __future__ import annotations
 

@@ -11,12 +11,15 @@ then go on to their next backbone call or their loss. So every run computes what
 rounding), and the frozen backbone runs once per call for all of them.
 
 Calls that cannot be merged (different structure, a kind without a merge rule such as CoCoOp's
-per-image text pass) run one after the other: slower, never different. Grad mode and autocast are
+per-image text pass, or CLIP-LoRA's unmerged low-rank branches) run one after the other: slower,
+never different. Such a call may draw random numbers (CLIP-LoRA's dropout masks): it draws them
+from its run's own `RandomStream`, which continues where the run's batches left it, as alone. Grad mode and autocast are
 per thread in torch: a run's thread inherits the caller's, and each call runs under the grad mode
 its run had when it made it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ class Call:
     args: tuple
     kwargs: dict
     grad: bool
+    index: int = 0                     # the run's place in Pack.run's jobs
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -42,14 +46,17 @@ class Pack:
     """Runs `jobs` (callables, one per run) together: `Pack().run(jobs)` returns their results in
     order; an exception in any run is raised here after every run stopped."""
 
-    def __init__(self):
+    def __init__(self, streams: list | None = None):
+        """streams: each job's RandomStream, which its unmerged calls draw from (None: the
+        generators as they are)."""
+        self._streams = streams
         self._cond = threading.Condition()
         self._waiting: dict[int, Call] = {}
         self._live = 0
 
     # ------------------------------------------------------------------ run threads
     def submit(self, fn, backbone, args, kwargs):
-        call = Call(fn, backbone, args, kwargs, torch.is_grad_enabled())
+        call = Call(fn, backbone, args, kwargs, torch.is_grad_enabled(), _local.index)
         with self._cond:
             self._waiting[_local.index] = call
             self._cond.notify_all()
@@ -107,12 +114,45 @@ class Pack:
                         merge(group)
                     else:
                         for call in group:
-                            call.result = call.fn(call.backbone, *call.args, **call.kwargs)
+                            with self._stream(call.index):
+                                call.result = call.fn(call.backbone, *call.args, **call.kwargs)
             except BaseException as err:  # noqa: BLE001 - each run re-raises it in its thread
                 for call in group:
                     call.error = err
             for call in group:
                 call.done.set()
+
+
+    def _stream(self, index: int):
+        return self._streams[index] if self._streams else contextlib.nullcontext()
+
+
+class RandomStream:
+    """One run's random numbers while torch's global generators (CPU, and the CUDA one of
+    `device`) serve several runs: `with stream:` puts the run's state in and, on leaving, keeps
+    where the run got to and puts the outer state back."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.state, self._outer = device, None, []
+
+    def _get(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def __enter__(self):
+        self._outer.append(self._get())
+        if self.state is not None:  # None: the run starts from the generators as they are
+            self._set(self.state)
+        return self
+
+    def __exit__(self, *exc):
+        self.state = self._get()
+        self._set(self._outer.pop())
 
 
 # ---------------------------------------------------------------------- thread state

@@ -18,11 +18,11 @@ import dataclasses
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .pack import Pack
+from .pack import Pack, RandomStream
 from .runtime import autocast
 from .training import PROGRESS_EVERY_S, SYNC_EVERY, EpochMeter, Trainer
 
@@ -124,26 +124,23 @@ class Seat:
     batches: object = None             # the epoch's batch iterator (None between epochs)
     meter: EpochMeter | None = None
     step: int = 0
-    rng: torch.Tensor = field(default=None)
+    stream: RandomStream | None = None  # set by __post_init__
+
+    def __post_init__(self):
+        self.stream = RandomStream(self.trainer.env.device)
 
     @property
     def trainer(self) -> Trainer:
         return self.entry.trainer
 
     def next_batch(self):
-        """The run's next batch, drawn under the run's own random stream (as alone)."""
+        """The run's next batch, drawn from the run's own random stream (as alone)."""
         t = self.trainer
-        outer = torch.get_rng_state()
-        try:
-            if self.batches is None:  # a new epoch: seeded by (seed, epoch) as alone
+        with self.stream:
+            if self.batches is None:  # a new epoch: the stream reseeded by (seed, epoch) as alone
                 self.batches = iter(t.loader())
                 self.meter, self.step = EpochMeter(t.env.device), 0
-            else:
-                torch.set_rng_state(self.rng)
             images, labels = next(self.batches)
-            self.rng = torch.get_rng_state()
-        finally:
-            torch.set_rng_state(outer)
         return images.to(t.env.device, non_blocking=True), labels.to(t.env.device, non_blocking=True)
 
 
@@ -223,7 +220,7 @@ def _packed_step(seats: list, scaler, env) -> None:
         seat.meter.lrs.append(seat.trainer.set_lr(seat.step))
         seat.trainer.optimizer.zero_grad(set_to_none=True)
     with autocast(env.device, env.precision):
-        outs = Pack().run([lambda s=s, b=b: s.trainer.model.loss_and_logits(*b)
+        outs = Pack([s.stream for s in seats]).run([lambda s=s, b=b: s.trainer.model.loss_and_logits(*b)
                            for s, b in zip(seats, batches)])
     scaler.scale(sum(loss for loss, _ in outs)).backward()
     for seat, (loss, logits), (_, labels) in zip(seats, outs, batches):

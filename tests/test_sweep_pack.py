@@ -87,11 +87,12 @@ def same_checkpoints(a, b):
         float((x[k] - y[k]).abs().max() / x[k].abs().max().clamp_min(1e-12)) for k in x)
 
 
-@pytest.mark.parametrize("method", ["coop", "maple", "mma"])
+@pytest.mark.parametrize("method", ["coop", "maple", "mma", "clip_lora"])
 def test_a_pack_trains_each_run_as_alone(method, tmp_path, monkeypatch):
     """Three runs packed two at a time (the third joins when the second-shortest leaves): every
     tensor of each run's last checkpoint (parameters and momentum) equals its solo run's within
-    PACK_RTOL, the same number of epochs is logged, and the backbone ran merged passes."""
+    PACK_RTOL, the same number of epochs is logged, and the backbone ran merged passes (CLIP-LoRA's
+    calls run one after the other, each drawing its dropout masks from its own run's stream)."""
     solo(method, tmp_path)
     merged = []
     execute = pack_module.Pack._execute
