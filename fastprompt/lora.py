@@ -32,10 +32,9 @@ sequence length for the text tower, of which the exact text shortcut keeps the f
 same draws with and without it), and text chunks (`RunOptions.text_chunk`) slice them by sequence,
 so a checkpointed chunk's recomputation sees its own masks. They are kept as booleans.
 
-In a packed sweep (`fastprompt.pack`) calls with LoRA slots are not merged: each run's tower
-passes run one after the other, each drawing its masks from its own run's random stream, so a
-packed run equals its solo run. Merging them would give A and B a leading run dimension and the
-slot an index of each sample's run (a batched matmul in the low-rank form); not built.
+In a packed sweep (`fastprompt.pack`) the slots of several runs form one `SegmentedLoRA`: the
+frozen projections run once over every run's rows, each run adds its own low-rank term to its
+rows, and each run's masks are drawn, all its blocks in order, from its own random stream.
 """
 from __future__ import annotations
 
@@ -96,27 +95,42 @@ class LoRA:
                     y = y + torch.matmul(self.dropped(p, h), delta) * self.scale
                 out.append(y)
             return out
-        qkv = F.linear(h, w, b)
+        qkv, delta = F.linear(h, w, b), self.qkv_delta(h)
+        return (qkv if isinstance(delta, float) else qkv + delta).chunk(3, dim=-1)
+
+    def qkv_delta(self, h: torch.Tensor) -> torch.Tensor | float:
+        """The fast path's low-rank term of the fused in-projection, [.., n, 3d] (0 when no q, k or
+        v is adapted)."""
+        d = h.shape[-1]
         adapted = [p for p in "qkv" if p in self.A]
-        if adapted:
-            factor = self.keep(h) * self.scale
-            if self.dropout:  # each projection its own input
-                u = torch.cat([self.down(p, h, factor) for p in adapted], dim=-1)
-            else:
-                u = h @ (torch.cat([self.A[p] for p in adapted]) * factor).t()
-            blocks = [self.B[p] if p in self.A else h.new_zeros(d, 0) for p in "qkv"]
-            qkv = qkv + u @ torch.block_diag(*blocks).t()
-        return qkv.chunk(3, dim=-1)
+        if not adapted:
+            return 0.0
+        factor = self.keep(h) * self.scale
+        if self.dropout:  # each projection its own input
+            u = torch.cat([self.down(p, h, factor) for p in adapted], dim=-1)
+        else:
+            u = h @ (torch.cat([self.A[p] for p in adapted]) * factor).t()
+        blocks = [self.B[p] if p in self.A else h.new_zeros(d, 0) for p in "qkv"]
+        return u @ torch.block_diag(*blocks).t()
 
     def out(self, attn, o: torch.Tensor, kernels: bool) -> torch.Tensor:
         """The out-projection of the attention output `o` [.., n, d] with its delta."""
         y = attn.out_proj(o)
         if "o" not in self.A:
             return y
-        A, B = self.A["o"], self.B["o"]
         if not kernels:
+            A, B = self.A["o"], self.B["o"]
             return y + torch.matmul(self.dropped("o", o), (B @ A).transpose(0, 1)) * self.scale
-        return y + self.down("o", o, self.keep(o) * self.scale) @ B.t()
+        return y + self.out_delta(o)
+
+    def out_delta(self, o: torch.Tensor) -> torch.Tensor | float:
+        """The fast path's low-rank term of the out-projection (0 when o is not adapted)."""
+        if "o" not in self.A:
+            return 0.0
+        return self.down("o", o, self.keep(o) * self.scale) @ self.B["o"].t()
+
+    def needs_masks(self) -> bool:
+        return self.dropout > 0 and not self.masks
 
     def merge(self, attn) -> "Merged":
         """The block's weights with the deltas added, W_p + (B_p @ A_p) * s (differentiable in A
@@ -162,9 +176,55 @@ class Merged:
         return self
 
 
+@dataclass
+class SegmentedLoRA:
+    """The slots of several runs in one packed pass (`fastprompt.pack`): rows [sum(sizes)] of which
+    the r-th `sizes[r]` belong to the run whose slot is `parts[r]` (all of one structure). The
+    frozen projections run once over every row; each segment adds its own run's low-rank term.
+    `streams[r]` (a context, `pack.RandomStream`) is what run r's dropout masks are drawn from."""
+
+    parts: list
+    sizes: list
+    streams: list
+
+    def _split(self, x):
+        return zip(self.parts, torch.split(x, self.sizes))
+
+    def qkv(self, attn, h: torch.Tensor, kernels: bool):
+        if not kernels:  # each run the release's way on its rows
+            return [torch.cat(t) for t in zip(*(p.qkv(attn, x, False) for p, x in self._split(h)))]
+        base = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        deltas = [p.qkv_delta(x) for p, x in self._split(h)]
+        if all(isinstance(d, float) for d in deltas):
+            return base.chunk(3, dim=-1)
+        return (base + torch.cat(deltas)).chunk(3, dim=-1)
+
+    def out(self, attn, o: torch.Tensor, kernels: bool) -> torch.Tensor:
+        if not kernels:
+            return torch.cat([p.out(attn, x, False) for p, x in self._split(o)])
+        y = attn.out_proj(o)
+        deltas = [p.out_delta(x) for p, x in self._split(o)]
+        return y if all(isinstance(d, float) for d in deltas) else y + torch.cat(deltas)
+
+    def select(self, rows: slice) -> "SegmentedLoRA":
+        """The segments' parts within sequences `rows` (a text chunk)."""
+        parts, sizes, streams, at = [], [], [], 0
+        for part, size, stream in zip(self.parts, self.sizes, self.streams):
+            lo, hi = max(rows.start, at), min(rows.stop, at + size)
+            if lo < hi:
+                parts.append(part.select(slice(lo - at, hi - at)))
+                sizes.append(hi - lo)
+                streams.append(stream)
+            at += size
+        return SegmentedLoRA(parts, sizes, streams)
+
+    def needs_masks(self) -> bool:
+        return any(p.needs_masks() for p in self.parts)
+
+
 def needs_masks(hooks) -> bool:
     """Whether a LoRA slot of `hooks` (backbone.TowerHooks) drops out without its masks yet."""
-    return any(isinstance(s, LoRA) and s.dropout > 0 and not s.masks for s in hooks.lora.values())
+    return any(not isinstance(s, Merged) and s.needs_masks() for s in hooks.lora.values())
 
 
 def with_masks(hooks, rows: int, length: int, keep: int, device):
@@ -174,6 +234,8 @@ def with_masks(hooks, rows: int, length: int, keep: int, device):
     are kept, as bool [rows, keep, D]."""
     if not needs_masks(hooks):
         return hooks
+    if any(isinstance(s, SegmentedLoRA) for s in hooks.lora.values()):
+        return _segmented_masks(hooks, length, keep, device)
     out = {}
     for i in sorted(hooks.lora):
         slot = hooks.lora[i]
@@ -189,3 +251,17 @@ def with_masks(hooks, rows: int, length: int, keep: int, device):
                                                            memory_format=torch.contiguous_format)
         out[i] = dataclasses.replace(slot, masks=masks)
     return dataclasses.replace(hooks, lora=out)
+
+
+def _segmented_masks(hooks, length: int, keep: int, device):
+    """with_masks of a packed pass (every slot a SegmentedLoRA): each run's masks, all its blocks
+    in order, drawn from its own stream as its solo pass draws them."""
+    slots = hooks.lora
+    first = next(iter(slots.values()))
+    drawn = []
+    for r, (size, stream) in enumerate(zip(first.sizes, first.streams)):
+        own = dataclasses.replace(hooks, lora={i: s.parts[r] for i, s in slots.items()})
+        with stream:
+            drawn.append(with_masks(own, size, length, keep, device).lora)
+    return dataclasses.replace(hooks, lora={i: dataclasses.replace(s, parts=[d[i] for d in drawn])
+                                            for i, s in slots.items()})

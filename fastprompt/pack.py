@@ -11,9 +11,9 @@ then go on to their next backbone call or their loss. So every run computes what
 rounding), and the frozen backbone runs once per call for all of them.
 
 Calls that cannot be merged (different structure, a kind without a merge rule such as CoCoOp's
-per-image text pass, or CLIP-LoRA's unmerged low-rank branches) run one after the other: slower,
-never different. Such a call may draw random numbers (CLIP-LoRA's dropout masks): it draws them
-from its run's own `RandomStream`, which continues where the run's batches left it, as alone. Grad mode and autocast are
+per-image text pass) run one after the other: slower, never different. Random numbers a call draws
+(CLIP-LoRA's dropout masks) come from its run's own `RandomStream`, which continues where the
+run's batches left it, as alone; merged or not, each run's masks are its solo run's. Grad mode and autocast are
 per thread in torch: a run's thread inherits the caller's, and each call runs under the grad mode
 its run had when it made it.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import SegmentedAdapter, TowerHooks
+from .lora import LoRA, SegmentedLoRA
 from .gather import _local
 
 @dataclass
@@ -36,7 +37,7 @@ class Call:
     args: tuple
     kwargs: dict
     grad: bool
-    index: int = 0                     # the run's place in Pack.run's jobs
+    stream: object = None              # the run's RandomStream (None: the generators as they are)
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -56,7 +57,8 @@ class Pack:
 
     # ------------------------------------------------------------------ run threads
     def submit(self, fn, backbone, args, kwargs):
-        call = Call(fn, backbone, args, kwargs, torch.is_grad_enabled(), _local.index)
+        stream = self._streams[_local.index] if self._streams else None
+        call = Call(fn, backbone, args, kwargs, torch.is_grad_enabled(), stream)
         with self._cond:
             self._waiting[_local.index] = call
             self._cond.notify_all()
@@ -114,17 +116,13 @@ class Pack:
                         merge(group)
                     else:
                         for call in group:
-                            with self._stream(call.index):
+                            with call.stream or contextlib.nullcontext():
                                 call.result = call.fn(call.backbone, *call.args, **call.kwargs)
             except BaseException as err:  # noqa: BLE001 - each run re-raises it in its thread
                 for call in group:
                     call.error = err
             for call in group:
                 call.done.set()
-
-
-    def _stream(self, index: int):
-        return self._streams[index] if self._streams else contextlib.nullcontext()
 
 
 class RandomStream:
@@ -201,8 +199,12 @@ def _signature(call):
                  if f.name not in MERGEABLE_HOOKS and getattr(hooks, f.name)]
         if extra:
             return None
+        if not all(isinstance(s, LoRA) for s in hooks.lora.values()):
+            return None  # merged weights (inference): nothing a pack trains
         shape = (tuple((k, tuple(p.shape[-2:]), p.dtype) for k, p in sorted(hooks.prompts.items())),
-                 tuple(sorted(hooks.adapters)))
+                 tuple(sorted(hooks.adapters)),
+                 tuple((k, tuple(sorted(s.A)), s.dropout, tuple(s.A[next(iter(s.A))].shape))
+                       for k, s in sorted(hooks.lora.items())))
     else:
         shape = ()
     first = call.args[0]
@@ -214,13 +216,15 @@ def _signature(call):
 
 
 #: TowerHooks fields the merge knows how to give per-sample rows
-MERGEABLE_HOOKS = ("prompts", "adapters")
+MERGEABLE_HOOKS = ("prompts", "adapters", "lora")
 
 
-def merge_hooks(hooks: list, sizes: list[int]):
+def merge_hooks(hooks: list, sizes: list[int], streams: list):
     """One TowerHooks for the concatenated rows: each layer's prompts per sample (a run's shared
     [n, D] rows repeated for its samples, per-sample [N_r, n, D] rows kept), each layer's adapter
-    a `SegmentedAdapter` applying run r's branch to run r's rows."""
+    a `SegmentedAdapter` applying run r's branch to run r's rows, each block's LoRA a
+    `SegmentedLoRA` adding run r's low-rank terms to run r's rows (its dropout masks drawn from
+    run r's stream)."""
     prompts = {}
     for layer in hooks[0].prompts:
         rows = [p if p.dim() == 3 else p.unsqueeze(0).expand(n, -1, -1)
@@ -228,7 +232,9 @@ def merge_hooks(hooks: list, sizes: list[int]):
         prompts[layer] = torch.cat(rows)
     adapters = {layer: SegmentedAdapter([h.adapters[layer] for h in hooks], list(sizes))
                 for layer in hooks[0].adapters}
-    return TowerHooks(prompts=prompts, adapters=adapters)
+    lora = {block: SegmentedLoRA([h.lora[block] for h in hooks], list(sizes), list(streams))
+            for block in hooks[0].lora}
+    return TowerHooks(prompts=prompts, adapters=adapters, lora=lora)
 
 
 def _merge_rows(group: list[Call], rows: tuple[int, ...], used: bool):
@@ -240,7 +246,7 @@ def _merge_rows(group: list[Call], rows: tuple[int, ...], used: bool):
         args[i] = torch.cat([c.args[i] for c in group])
     hooks = [_hooks_of(c) for c in group]
     if hooks[0] is not None:  # the signature made sure every call has hooks of one structure
-        merged = merge_hooks(hooks, sizes)
+        merged = merge_hooks(hooks, sizes, [c.stream or contextlib.nullcontext() for c in group])
         at = [i for i, a in enumerate(args) if a is hooks[0]]
         if at:
             args[at[0]] = merged
