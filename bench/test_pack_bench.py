@@ -3,7 +3,7 @@
 sequential = R runs, each its own training step (forward, backward, SGD) in turn: what R separate
              processes of the original code do, without their start-up
 packed     = the same R runs in one packed step (`fastprompt.pack`: one backbone pass for all of
-             them per call, each sample with its own run's prompts/adapters; losses summed, one
+             them per call, each sample with its own run's prompts/adapters/LoRA deltas; losses summed, one
              backward, each run's own optimiser step)
 
 Each run has its own parameters (another seed), its own images and labels, at the method's released
@@ -20,7 +20,7 @@ import fastprompt as fp
 from fastprompt.pack import Pack
 from fastprompt.recipes import RECIPES
 
-METHODS = ["coop", "maple", "mma"]
+METHODS = ["coop", "maple", "mma", "promptsrc", "clip_lora", "clip_adapter"]
 
 
 def workload(env) -> dict:
