@@ -14,7 +14,6 @@ with its error and the others go on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import resource
 import sys
 import time

@@ -1,6 +1,7 @@
 """Shared helpers for the core tests (imported by test modules; pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -57,3 +58,24 @@ def trained_count(model) -> int:
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.trainable_state().items() if p.grad is not None}
+
+
+@contextlib.contextmanager
+def killed_in_epoch(monkeypatch, epoch: int):
+    """Within the block, training stops with KeyboardInterrupt (a user's Ctrl-C) as its 0-indexed
+    `epoch` starts; after it, training runs on as usual."""
+    import inspect
+
+    import fastprompt.training as training
+
+    real = training._run_epoch
+
+    def run_epoch(*args, **kwargs):
+        if inspect.signature(real).bind(*args, **kwargs).arguments["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "_run_epoch", run_epoch)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(training, "_run_epoch", real)

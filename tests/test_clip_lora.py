@@ -15,7 +15,7 @@ from fastprompt.original import OriginalCheckpointError, load_original, save_ori
 from fastprompt.recipes import PROTOCOLS, recipe_for
 from fastprompt.train import main as train_main
 
-from common import CLASSNAMES, images, perturb, tiny_clip
+from common import CLASSNAMES, images, killed_in_epoch, perturb, tiny_clip
 
 
 def make(seed=0, **options):
@@ -72,9 +72,7 @@ def test_a_resumed_run_draws_the_same_masks(tmp_path, monkeypatch):
     from PIL import Image
     from safetensors.torch import load_file
 
-    import fastprompt.training as training
     from fastprompt.data import Datum
-    from fastprompt.recipes import Recipe
     from fastprompt.training import TrainEnv, train
 
     g = torch.Generator().manual_seed(0)
@@ -87,18 +85,8 @@ def test_a_resumed_run_draws_the_same_masks(tmp_path, monkeypatch):
         torch.manual_seed(1)
         return fp.create("clip_lora", tiny_clip(), CLASSNAMES[:2])
     train(model(), recipe, items, tmp_path / "whole", env, log=lambda *_: None)
-    run_epoch = training._run_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        import inspect
-
-        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         train(model(), recipe, items, tmp_path / "part", env, log=lambda *_: None)
-    monkeypatch.setattr(training, "_run_epoch", run_epoch)
     train(model(), recipe, items, tmp_path / "part", env, resume=True, log=lambda *_: None)
     a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("whole", "part"))
     assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)

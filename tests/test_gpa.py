@@ -15,7 +15,7 @@ from fastprompt.recipes import Recipe
 from fastprompt.training import train
 from test_training_recipes import env, items, quiet
 
-from common import tiny_clip
+from common import killed_in_epoch, tiny_clip
 
 RECIPE = Recipe(batch_size=4, lr=0.05, epochs=4)
 
@@ -71,21 +71,11 @@ def test_gpa_off_keeps_the_last_epoch(tmp_path):
 
 
 def test_a_run_killed_and_resumed_ends_with_the_same_average(tmp_path, monkeypatch):
-    import inspect
 
-    import fastprompt.training as training
 
     train(promptsrc(), RECIPE, items(), tmp_path / "whole", env(), log=quiet)
-    run_epoch = training._run_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         train(promptsrc(), RECIPE, items(), tmp_path / "part", env(), log=quiet)
-    monkeypatch.setattr(training, "_run_epoch", run_epoch)
     train(promptsrc(), RECIPE, items(), tmp_path / "part", env(), resume=True, log=quiet)
     for f in ("adapter.safetensors", "checkpoint.safetensors"):
         a, b = (load_file(str(tmp_path / d / f)) for d in ("whole", "part"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fastprompt as fp
-from common import CLASSNAMES, images, tiny_clip
+from common import images, killed_in_epoch, tiny_clip
 from fastprompt.context import TrainingContext
 from fastprompt.data import Datum
 from fastprompt.errors import CheckpointError, InputError
@@ -175,7 +175,6 @@ def test_tip_f_keeps_the_last_epoch_or_on_request_the_best(select, tmp_path):
 
 
 def test_tip_f_killed_and_resumed_equals_the_whole_run(tmp_path, monkeypatch):
-    import fastprompt.training as training
     from safetensors.torch import load_file
 
     def run(out, resume=False):
@@ -185,19 +184,9 @@ def test_tip_f_killed_and_resumed_equals_the_whole_run(tmp_path, monkeypatch):
             train(model, _tip_f_recipe(), items(), out, env(), resume=resume, log=quiet, val=items(2, seed=1))
         return model
     whole = run(tmp_path / "whole")
-    real = training._run_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        import inspect
-
-        if inspect.signature(real).bind(*args, **kwargs).arguments["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run(tmp_path / "part")
     assert "train_state/best_keys" in load_file(str(tmp_path / "part" / "checkpoint.safetensors"))
-    monkeypatch.setattr(training, "_run_epoch", real)
     part = run(tmp_path / "part", resume=True)
     assert torch.equal(part.cache_keys, whole.cache_keys) and part._best[1] == whole._best[1]
     assert (part.config.alpha, part.config.beta) == (whole.config.alpha, whole.config.beta)

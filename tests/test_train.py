@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from fastprompt.checkpoint import read_config
 from fastprompt.train import main
 
+from common import killed_in_epoch
+
 FAST = ["--no-progress", "--shots", "2", "--epochs", "1"]
 PET_CLASSES = ["abyssinian", "american_bulldog", "beagle", "bengal", "boxer"]  # 5: base = first 3
 
@@ -119,26 +121,17 @@ def test_resume_continues_a_killed_run_exactly(tmp_path, capsys, monkeypatch):
     """A 3-epoch run interrupted (Ctrl-C) in epoch 3, after the post-warm-up epoch 2 at the full
     rate had moved the context and the SGD momentum, resumes to the very tensors of an
     uninterrupted run."""
-    import inspect
 
-    import fastprompt.training as training
 
     common = ["--method", "coop", "--no-progress", "--shots", "2", "--batch-size", "8", "--epochs", "3"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert run_cli([*common, "--out", str(whole)], capsys)[0] == 0
-    run_epoch = training._run_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        if inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"] == 2:  # 0-indexed
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
-    code, _, err = run_cli([*common, "--out", str(part)], capsys)
+    with killed_in_epoch(monkeypatch, 2):  # 0-indexed
+        code, _, err = run_cli([*common, "--out", str(part)], capsys)
     assert code == 130 and "--resume" in err
     assert checkpoint_epoch(part) == (2, True)
     log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2] and log[1]["lr"] > 100 * log[0]["lr"]  # past warm-up
-    monkeypatch.setattr(training, "_run_epoch", run_epoch)
     code, _, err = run_cli([*common, "--out", str(part)], capsys)
     assert code == 2 and "--resume" in err  # an existing run is never overwritten silently
     assert run_cli([*common, "--out", str(part), "--resume"], capsys)[0] == 0

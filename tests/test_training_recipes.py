@@ -15,7 +15,7 @@ from fastprompt.errors import CheckpointError, TrainingError
 from fastprompt.recipes import Recipe
 from fastprompt.training import TrainEnv, train
 
-from common import tiny_clip
+from common import killed_in_epoch, tiny_clip
 
 ADAMW = dict(batch_size=4, lr=2e-3, warmup_epochs=0, optimizer="adamw", betas=(0.8, 0.95), eps=1e-6,
              weight_decay=0.02, schedule="iteration", min_lr=1e-5, shots=2, iterations_per_shot=5)
@@ -32,13 +32,6 @@ def items(n=10):
 
 def quiet(*_):
     pass
-
-
-def _epoch(run_epoch, args, kwargs) -> int:
-    """The 0-indexed epoch a call of training._run_epoch runs."""
-    import inspect
-
-    return inspect.signature(run_epoch).bind(*args, **kwargs).arguments["epoch"]
 
 
 def coop():
@@ -96,20 +89,11 @@ def test_a_budget_ends_inside_an_epoch(tmp_path, monkeypatch):
 
 
 def test_adamw_run_killed_and_resumed_equals_the_whole_run(tmp_path, monkeypatch):
-    import fastprompt.training as training
 
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(coop(), Recipe(**ADAMW), items(), whole, env(), log=quiet)
-    run_epoch = training._run_epoch
-
-    def killed_in_epoch_4(*args, **kwargs):
-        if _epoch(run_epoch, args, kwargs) == 3:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         train(coop(), Recipe(**ADAMW), items(), part, env(), log=quiet)
-    monkeypatch.setattr(training, "_run_epoch", run_epoch)
     train(coop(), Recipe(**ADAMW), items(), part, env(), resume=True, log=quiet)
     a, b = (load_file(str(d / "checkpoint.safetensors")) for d in (whole, part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -145,7 +129,6 @@ class Hooked:
 
 
 def test_method_hooks_and_their_state_survive_a_resume(tmp_path, monkeypatch):
-    import fastprompt.training as training
 
     recipe = Recipe(batch_size=4, lr=0.01, epochs=3)
     calls = []
@@ -156,16 +139,8 @@ def test_method_hooks_and_their_state_survive_a_resume(tmp_path, monkeypatch):
     saved = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
     assert torch.equal(saved["ctx"], whole.ctx.detach())  # what end_training left is what is saved
     assert "train_state/total" in load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
-    run_epoch = training._run_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        if _epoch(run_epoch, args, kwargs) == 2:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-    monkeypatch.setattr(training, "_run_epoch", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         train(Hooked.install(coop(), []), recipe, items(), tmp_path / "part", env(), log=quiet)
-    monkeypatch.setattr(training, "_run_epoch", run_epoch)
     resumed = Hooked.install(coop(), [])
     train(resumed, recipe, items(), tmp_path / "part", env(), resume=True, log=quiet)
     assert torch.equal(resumed.ctx, whole.ctx)
