@@ -219,8 +219,12 @@ def _packed_step(seats: list, scaler, env) -> None:
         seat.meter.lrs.append(seat.trainer.set_lr(seat.step))
         seat.trainer.optimizer.zero_grad(set_to_none=True)
     with autocast(env.device, env.precision):
-        outs = Pack([s.stream for s in seats]).run([lambda s=s, b=b: s.trainer.model.loss_and_logits(*b)
-                           for s, b in zip(seats, batches)])
+        if len(seats) == 1:  # nothing to merge: no threads (a pack's last run often trains alone)
+            with seats[0].stream:
+                outs = [seats[0].trainer.model.loss_and_logits(*batches[0])]
+        else:
+            outs = Pack([s.stream for s in seats]).run(
+                [lambda s=s, b=b: s.trainer.model.loss_and_logits(*b) for s, b in zip(seats, batches)])
     scaler.scale(sum(loss for loss, _ in outs)).backward()
     for seat, (loss, logits), (_, labels) in zip(seats, outs, batches):
         scaler.step(seat.trainer.optimizer)
