@@ -13,7 +13,7 @@ from fastprompt.recipes import Recipe
 from fastprompt.sweep import train_packed
 from fastprompt.training import TrainEnv, Trainer, train
 
-from common import tiny_clip
+from common import perturb, tiny_clip
 
 CLASSES = ["dog", "cat", "car"]
 
@@ -138,3 +138,48 @@ def test_a_killed_pack_resumes_each_run_from_its_own_epoch(tmp_path, monkeypatch
     for seed, _ in RUNS:
         gap = same_checkpoints(tmp_path / f"solo{seed}", tmp_path / f"pack{seed}")
         assert gap is not False and gap <= PACK_RTOL, (seed, gap)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_merged_lora_text_pass_equals_each_run_alone(fast):
+    """Two CLIP-LoRA runs' text passes merged by a Pack (each with its own deltas and dropout
+    stream, in chunks of 2 sequences that cut across the runs' segments) give each run the
+    features, and the gradients, of its pass alone; the merge ran."""
+    import dataclasses
+
+    from fastprompt.pack import RandomStream
+
+    names = ["dog", "cat", "car", "bus", "owl"]
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = perturb(fp.create("clip_lora", tiny_clip(), names), seed).train().set_fast(fast)
+        m.runtime = dataclasses.replace(m.runtime, text_chunk=2)
+        models.append(m)
+
+    def alone(m, seed):
+        torch.manual_seed(100 + seed)
+        out = m.encode_text(m.template)
+        grads = torch.autograd.grad(out.square().sum(), list(m.text.parameters()))
+        return out.detach(), grads
+
+    solo = [alone(m, s) for m, s in zip(models, (1, 2))]
+    streams = [RandomStream(torch.device("cpu")) for _ in models]
+    for stream, seed in zip(streams, (1, 2)):
+        with stream:
+            torch.manual_seed(100 + seed)
+    merged = []
+    merge_rows = pack_module._merge_rows
+    pack_module._merge_rows = lambda group, *a, **k: (merged.append(len(group)), merge_rows(group, *a, **k))[1]
+    try:
+        outs = pack_module.Pack(streams).run([lambda m=m: m.encode_text(m.template) for m in models])
+    finally:
+        pack_module._merge_rows = merge_rows
+    assert merged == [2]
+    params = [list(m.text.parameters()) for m in models]
+    grads = torch.autograd.grad(sum(o.square().sum() for o in outs), params[0] + params[1])
+    grads = [grads[:len(params[0])], grads[len(params[0]):]]  # disjoint parameters: each its own
+    for out, own, (ref, ref_grads) in zip(outs, grads, solo):
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+        for g, r in zip(own, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
