@@ -13,9 +13,9 @@ rounding), and the frozen backbone runs once per call for all of them.
 Calls that cannot be merged (different structure, a kind without a merge rule such as CoCoOp's
 per-image text pass) run one after the other: slower, never different. Random numbers a call draws
 (CLIP-LoRA's dropout masks) come from its run's own `RandomStream`, which continues where the
-run's batches left it, as alone; merged or not, each run's masks are its solo run's. Grad mode and autocast are
-per thread in torch: a run's thread inherits the caller's, and each call runs under the grad mode
-its run had when it made it.
+run's batches left it, as alone; merged or not, each run's masks are its solo run's. Grad mode and
+autocast are per thread in torch: a run's thread inherits the caller's, and each call runs under
+the grad mode its run had when it made it.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import SegmentedAdapter, TowerHooks
-from .lora import LoRA, SegmentedLoRA
 from .gather import _local
+from .lora import LoRA, SegmentedLoRA
 
 @dataclass
 class Call:
@@ -37,7 +37,7 @@ class Call:
     args: tuple
     kwargs: dict
     grad: bool
-    stream: object = None              # the run's RandomStream (None: the generators as they are)
+    stream: object = contextlib.nullcontext()  # the run's RandomStream, or the generators as they are
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -57,7 +57,7 @@ class Pack:
 
     # ------------------------------------------------------------------ run threads
     def submit(self, fn, backbone, args, kwargs):
-        stream = self._streams[_local.index] if self._streams else None
+        stream = self._streams[_local.index] if self._streams else contextlib.nullcontext()
         call = Call(fn, backbone, args, kwargs, torch.is_grad_enabled(), stream)
         with self._cond:
             self._waiting[_local.index] = call
@@ -116,7 +116,7 @@ class Pack:
                         merge(group)
                     else:
                         for call in group:
-                            with call.stream or contextlib.nullcontext():
+                            with call.stream:
                                 call.result = call.fn(call.backbone, *call.args, **call.kwargs)
             except BaseException as err:  # noqa: BLE001 - each run re-raises it in its thread
                 for call in group:
@@ -246,7 +246,7 @@ def _merge_rows(group: list[Call], rows: tuple[int, ...], used: bool):
         args[i] = torch.cat([c.args[i] for c in group])
     hooks = [_hooks_of(c) for c in group]
     if hooks[0] is not None:  # the signature made sure every call has hooks of one structure
-        merged = merge_hooks(hooks, sizes, [c.stream or contextlib.nullcontext() for c in group])
+        merged = merge_hooks(hooks, sizes, [c.stream for c in group])
         at = [i for i, a in enumerate(args) if a is hooks[0]]
         if at:
             args[at[0]] = merged
