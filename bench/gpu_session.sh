@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh tests     compiled Triton kernels and the runner on CUDA (test_kernels,
 #                                       test_gpu incl. CUDA-graph steps with text_chunk, test_methods)
 #   bash bench/gpu_session.sh kernels   kernel benchmarks (wall clock + device time), block-size sweep
-#   bash bench/gpu_session.sh train     training-step benchmarks, then the step profile
+#   bash bench/gpu_session.sh train     training-step and packed-step benchmarks, then the step profile
 #   bash bench/gpu_session.sh infer     inference and export benchmarks
 #
 # Full logs go to $OUT/*.log as they are written (a command killed at its time limit still brings
@@ -56,6 +56,7 @@ kernels)
     ;;
 train)
     bench train bench/test_methods_bench.py -k train_step
+    bench pack bench/test_pack_bench.py
     step train.log python3 -m bench.profile_step --method maple
     ;;
 infer)
