@@ -17,3 +17,13 @@ def parity_clip(tmp_path_factory):
 
     require_parity()
     return make_parity_clip(tmp_path_factory.mktemp("parity"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (runs compared tensor by tensor block their
+    matmuls alike)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@ command run twice (a finished run is reported, not trained again)."""
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import fastprompt as fp
@@ -87,13 +86,8 @@ def test_seeds_flags_are_checked(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Packed and solo runs compared within PACK_RTOL: the same intra-op threading for both."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: packed and solo runs compared within PACK_RTOL: the same intra-op threading for both
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_finished_tip_adapter_is_reported_though_training_fitted_its_options(tmp_path, capsys):

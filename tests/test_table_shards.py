@@ -4,7 +4,6 @@ the table; a cell with a result is never computed twice, a cut-short one resumes
 import json
 
 import pytest
-import torch
 
 from fastprompt.cells import Cell, grid, shard_of, units
 from fastprompt.errors import InputError
@@ -114,9 +113,5 @@ def test_cells_of_other_settings_are_refused(tmp_path, capsys):
     assert "--shard needs --cells DIR" in capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: packed and solo runs compared within PACK_RTOL: the same intra-op threading for both
+pytestmark = pytest.mark.usefixtures("one_thread")
