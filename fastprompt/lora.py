@@ -175,6 +175,9 @@ class Merged:
     def select(self, rows: slice) -> "Merged":
         return self
 
+    def needs_masks(self) -> bool:  # no dropout: inference
+        return False
+
 
 @dataclass
 class SegmentedLoRA:
@@ -224,7 +227,7 @@ class SegmentedLoRA:
 
 def needs_masks(hooks) -> bool:
     """Whether a LoRA slot of `hooks` (backbone.TowerHooks) drops out without its masks yet."""
-    return any(not isinstance(s, Merged) and s.needs_masks() for s in hooks.lora.values())
+    return any(s.needs_masks() for s in hooks.lora.values())
 
 
 def with_masks(hooks, rows: int, length: int, keep: int, device):
